@@ -1,0 +1,139 @@
+"""Records that flow out of a training run: events, per-tick records, progress, and the
+observer protocol through which front-ends (dashboard, status files) follow a run.
+
+Data flows one way: the loop produces these records and calls observers; observers never
+reach into the loop. To steer a run they post requests to :class:`adaptive_nb.control.RunControl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .report import RunReport
+
+__all__ = ["Event", "EventKind", "Observer", "Progress", "RunInfo", "TickRecord"]
+
+
+class EventKind:
+    """Names of event kinds (plain strings so reports stay JSON)."""
+
+    START = "start"
+    THREADS = "threads"  # CPU intra-op thread count changed
+    HOLD = "hold"  # controller decided there is nothing to gain
+    REALLOCATE = "reallocate"  # batch shares changed
+    DEVICES = "devices"  # device set changed
+    DEVICE_DROPPED = "device_dropped"
+    DEVICE_READMITTED = "device_readmitted"
+    OOM = "oom"  # out of memory recovered
+    MICROBATCH = "microbatch"  # micro-batch count changed
+    POLICY = "policy"
+    HEADROOM = "headroom"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+    INTERRUPT = "interrupt"
+    ERROR = "error"
+    NOTICE = "notice"
+    END = "end"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the run did or decided. ``t`` is seconds since the run started."""
+
+    t: float
+    kind: str
+    detail: str
+    step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run is, known before the first step."""
+
+    run_id: str
+    total_steps: int | None  # None when an epoch's length is unknown
+    epochs: int | None
+    policy: str
+    devices: list[str]  # display names, e.g. ["cpu"] or ["GPU 0 (A100)", ...]
+    simulated: bool
+    global_batch: int | None
+    started_at: float  # time.time()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """State after a completed step (sent at most a few times per second)."""
+
+    step: int
+    total_steps: int | None
+    epoch: int
+    samples: int
+    elapsed_s: float
+    samples_per_s: float  # recent throughput
+    eta_s: float | None
+    loss: float | None
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class TickRecord:
+    """One record per control tick: what the machine and the run looked like."""
+
+    t: float
+    step: int
+    samples_per_s: float
+    loss: float | None
+    devices: list[str]  # display names of the devices in use
+    shares: dict[str, float]  # device name -> share of the global batch (sums to 1)
+    util_pct: dict[str, float] = field(default_factory=dict)  # device name -> utilisation %
+    mem_used_mb: dict[str, float] = field(default_factory=dict)  # this run's memory
+    mem_other_mb: dict[str, float] = field(default_factory=dict)  # other processes
+    mem_total_mb: dict[str, float] = field(default_factory=dict)
+    threads: int | None = None  # CPU intra-op threads
+    predicted_step_s: float | None = None
+    measured_step_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Follows a run. Every method is called on the training thread and must be quick;
+    an exception raised here is logged once and the observer is detached, never stopping
+    training."""
+
+    def on_start(self, info: RunInfo) -> None: ...
+
+    def on_progress(self, progress: Progress) -> None: ...
+
+    def on_tick(self, record: TickRecord) -> None: ...
+
+    def on_event(self, event: Event) -> None: ...
+
+    def on_end(self, report: RunReport) -> None: ...
+
+
+class BaseObserver:
+    """An observer that ignores everything; subclass and override what you need."""
+
+    def on_start(self, info: RunInfo) -> None:
+        pass
+
+    def on_progress(self, progress: Progress) -> None:
+        pass
+
+    def on_tick(self, record: TickRecord) -> None:
+        pass
+
+    def on_event(self, event: Event) -> None:
+        pass
+
+    def on_end(self, report: RunReport) -> None:
+        pass

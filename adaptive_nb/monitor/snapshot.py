@@ -1,0 +1,84 @@
+"""What one monitoring sample holds: host (CPU/RAM) and per-GPU readings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["GpuProcess", "GpuSample", "HostSample", "Snapshot"]
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A compute process holding memory on a GPU."""
+
+    pid: int
+    used_memory_mb: float
+    is_self: bool  # True for this Python process (the training run)
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One reading of one GPU. ``index`` is the torch (CUDA-visible) index, or None when
+    the device is not visible to torch in this process (``CUDA_VISIBLE_DEVICES``)."""
+
+    index: int | None
+    nvml_index: int
+    uuid: str
+    name: str
+    util_pct: float
+    mem_used_mb: float
+    mem_free_mb: float
+    mem_total_mb: float
+    power_w: float | None = None
+    temperature_c: float | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    simulated: bool = False
+
+    @property
+    def self_mem_mb(self) -> float:
+        return sum(p.used_memory_mb for p in self.processes if p.is_self)
+
+    @property
+    def external_mem_mb(self) -> float:
+        """Memory held by other processes (or not attributed to any process of ours)."""
+        return max(0.0, self.mem_used_mb - self.self_mem_mb)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["self_mem_mb"] = self.self_mem_mb
+        d["external_mem_mb"] = self.external_mem_mb
+        return d
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """One reading of the host: system and this process."""
+
+    cpu_pct: float  # whole machine, 0..100
+    per_core_pct: tuple[float, ...]
+    ram_used_mb: float
+    ram_available_mb: float
+    ram_total_mb: float  # cgroup limit when lower than physical RAM
+    proc_cpu_pct: float  # this process, 100 = one core
+    proc_rss_mb: float
+    cpu_cores: float  # usable cores (cgroup quota or affinity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything sampled at one instant (``t`` from ``time.monotonic()``)."""
+
+    t: float
+    host: HostSample
+    gpus: tuple[GpuSample, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "host": self.host.to_dict(),
+            "gpus": [g.to_dict() for g in self.gpus],
+        }
