@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["GpuProcess", "GpuSample", "HostSample", "Snapshot"]
+__all__ = ["GpuFault", "GpuProcess", "GpuSample", "HostSample", "Snapshot"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,21 @@ class GpuSample:
 
 
 @dataclass(frozen=True)
+class GpuFault:
+    """A GPU that could not be read in this sample (it is absent from ``Snapshot.gpus``).
+    ``lost``: the device is gone (fell off the bus / needs a reset), not a passing error."""
+
+    nvml_index: int
+    index: int | None  # torch (CUDA-visible) index, as in GpuSample
+    uuid: str  # "" when not even the UUID could be read
+    lost: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class HostSample:
     """One reading of the host: system and this process."""
 
@@ -75,10 +90,12 @@ class Snapshot:
     t: float
     host: HostSample
     gpus: tuple[GpuSample, ...] = field(default_factory=tuple)
+    faults: tuple[GpuFault, ...] = ()  # GPUs present but unreadable in this sample
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "t": self.t,
             "host": self.host.to_dict(),
             "gpus": [g.to_dict() for g in self.gpus],
+            "faults": [f.to_dict() for f in self.faults],
         }
