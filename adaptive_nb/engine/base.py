@@ -84,11 +84,16 @@ class Engine(ABC):
     def primary_device(self) -> torch.device:
         return torch.device("cpu")
 
+    def monitor_keys(self) -> list[int | None]:
+        """For each device position, the ``GpuSample.index`` that monitors it in a
+        :class:`~adaptive_nb.monitor.snapshot.Snapshot` (None: the host CPU/RAM)."""
+        return [None] * len(self.device_names())
+
     def clock(self) -> float:
         """Seconds on the engine's clock (virtual for simulated fleets)."""
         return time.perf_counter()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources at the end of a run."""
 
 

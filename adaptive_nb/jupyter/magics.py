@@ -1,0 +1,263 @@
+"""``%%adaptive_train``: a thin IPython front-end over :func:`adaptive_nb.train`.
+
+The cell body is the per-step code. It runs in the notebook's namespace with ``batch``
+(already on the primary device) and ``model`` (the model as wrapped for the step) bound,
+and assigns ``loss``. adaptive_nb owns zero_grad / backward / optimizer.step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any
+
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from torch import nn
+
+from ..errors import UsageError
+from ..events import BaseObserver
+from ..loop import last_run, start, train
+from ..report import RunReport
+
+__all__ = ["AdaptiveMagics", "machine_summary"]
+
+log = logging.getLogger("adaptive_nb")
+
+_EXAMPLE = (
+    "%%adaptive_train --model net --optimizer opt --data loader --epochs 1\n"
+    "x, y = batch\n"
+    "loss = torch.nn.functional.cross_entropy(model(x), y)"
+)
+
+
+def machine_summary() -> str:
+    """One line about this machine's GPUs (or CPU and RAM)."""
+    try:
+        from ..monitor import default_monitor, describe_machine
+
+        return "adaptive_nb: " + describe_machine(default_monitor())
+    except Exception as exc:  # the summary must never break %load_ext
+        log.debug("machine summary failed: %s", exc)
+        import os
+
+        import psutil
+
+        gb = psutil.virtual_memory().total / 2**30
+        return f"adaptive_nb: CPU only: {os.cpu_count()} cores, {gb:.1f} GB RAM"
+
+
+class _StoreReport(BaseObserver):
+    """Stores the report in the notebook namespace when a background run ends."""
+
+    def __init__(self, ns: dict[str, Any], out: str) -> None:
+        self._ns, self._out = ns, out
+
+    def on_end(self, report: RunReport) -> None:
+        self._ns[self._out] = report
+
+
+@magics_class
+class AdaptiveMagics(Magics):
+    """The ``%%adaptive_train`` cell magic."""
+
+    @magic_arguments()
+    @argument("--model", metavar="NAME", help="notebook variable holding the nn.Module")
+    @argument("--optimizer", metavar="NAME", help="notebook variable holding the optimizer")
+    @argument("--data", metavar="NAME", help="notebook variable: DataLoader / iterable of batches")
+    @argument("--epochs", type=int, default=None, metavar="N", help="passes over --data")
+    @argument("--steps", type=int, default=None, metavar="N", help="optimizer steps in all")
+    @argument(
+        "--devices",
+        default="auto",
+        metavar="SPEC",
+        help="auto (all GPUs, else CPU) | cpu | 0,2 (GPU indices) | sim:SCENARIO.json",
+    )
+    @argument(
+        "--policy",
+        default="adaptive",
+        metavar="NAME",
+        help="adaptive (device set + batch shares; CPU threads) | weights (all devices, shares "
+        "adapt) | static (equal split: today's DataParallel)",
+    )
+    @argument(
+        "--headroom",
+        type=float,
+        default=0.1,
+        metavar="FRAC",
+        help="fraction of each GPU's memory kept free, 0 <= FRAC < 1 (default 0.1)",
+    )
+    @argument("--interval", type=float, default=2.0, metavar="S", help="control tick (s)")
+    @argument("--no-widget", action="store_true", help="no live dashboard (text only)")
+    @argument(
+        "--background",
+        action="store_true",
+        help="run on a background thread; the cell returns at once (see %%adaptive status)",
+    )
+    @argument("--out", default="_adaptive", metavar="NAME", help="variable for the RunReport")
+    @argument("--loss", default="loss", metavar="NAME", help="variable the body assigns")
+    @cell_magic
+    def adaptive_train(self, line: str, cell: str) -> RunReport | None:
+        """Train a model with the cell body as the per-step code.
+
+        The body sees the notebook's variables plus ``batch`` and ``model`` and must assign
+        ``loss`` (a scalar tensor). The RunReport is shown and stored in ``--out``.
+
+        Example::
+
+            %%adaptive_train --model net --optimizer opt --data loader --epochs 1
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        """
+        try:
+            return self._adaptive_train(line, cell)
+        except UsageError as exc:
+            raise IPythonUsageError(str(exc)) from None
+
+    # -- implementation -------------------------------------------------------------------
+    def _lookup(self, role: str, name: str | None) -> Any:
+        ns = self.shell.user_ns  # type: ignore[union-attr]
+        if not name:
+            raise UsageError(
+                f"--{role} is missing: name the notebook variable holding the {role}, e.g.\n"
+                + _EXAMPLE
+            )
+        if name not in ns:
+            visible = [k for k in ns if not k.startswith("_")]
+            close = difflib.get_close_matches(name, visible, n=3)
+            hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+            raise UsageError(
+                f"--{role} {name}: there is no variable `{name}` in the notebook; define it in "
+                f"a cell above and run that cell first.{hint}"
+            )
+        return ns[name]
+
+    def _compile_body(self, cell: str) -> Any:
+        if not cell.strip() or all(
+            not ln.strip() or ln.strip().startswith("#") for ln in cell.splitlines()
+        ):
+            raise UsageError(
+                "the cell body is empty: write the per-step code below the magic line, e.g.\n"
+                + _EXAMPLE
+            )
+        shell = self.shell
+        assert shell is not None
+        source = shell.transform_cell(cell)
+        # One leading newline so that line numbers match the cell (line 1 is the magic).
+        source = "\n" + source
+        filename = shell.compile.cache(source)
+        try:
+            return compile(source, filename, "exec")
+        except SyntaxError as exc:
+            where = f"line {exc.lineno} of the cell" if exc.lineno else "the cell"
+            text = f": {exc.text.strip()}" if exc.text else ""
+            raise UsageError(f"syntax error in {where}{text} ({exc.msg}).") from None
+
+    def _adaptive_train(self, line: str, cell: str) -> RunReport | None:
+        try:
+            args = parse_argstring(self.adaptive_train, line)
+        except IPythonUsageError as exc:
+            raise UsageError(f"{exc}. See %%adaptive_train? for the options.") from None
+        model = self._lookup("model", args.model)
+        optimizer = self._lookup("optimizer", args.optimizer)
+        data = self._lookup("data", args.data)
+        code = self._compile_body(cell)
+        names = {"model": args.model, "optimizer": args.optimizer, "data": args.data}
+        ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
+        loss_name = args.loss
+        missing = object()
+        saved_model = ns.get("model", missing)
+
+        def step(wrapped: nn.Module, batch: Any) -> Any:
+            ns["model"] = wrapped
+            ns["batch"] = batch
+            ns.pop(loss_name, None)
+            exec(code, ns)
+            return ns.get(loss_name)
+
+        def restore_model() -> None:
+            if saved_model is missing:
+                ns.pop("model", None)
+            else:
+                ns["model"] = saved_model
+
+        observers: list[Any] = []
+        publisher = _status_publisher()
+        if publisher is not None:
+            observers.append(publisher)
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "optimizer": optimizer,
+            "data": data,
+            "epochs": args.epochs,
+            "steps": args.steps,
+            "devices": args.devices,
+            "policy": args.policy,
+            "headroom": args.headroom,
+            "widget": not args.no_widget,
+            "control_interval": args.interval,
+            "names": names,
+            "loss_name": loss_name,
+        }
+        if args.background:
+            observers.append(_StoreReport(ns, args.out))
+            observers.append(_Restore(restore_model))
+            run = start(step, observers=observers, **kwargs)
+            print(
+                f"adaptive_nb: run {run.run_id} started in the background; "
+                f"`%adaptive status|pause|resume|stop` controls it, the report goes to "
+                f"`{args.out}` when it ends."
+            )
+            return None
+        try:
+            report = train(step, observers=observers, **kwargs)
+        except KeyboardInterrupt:
+            self._store_partial(ns, args.out, "interrupted")
+            raise
+        except UsageError:
+            self._store_partial(ns, args.out, None)
+            raise
+        except BaseException:
+            self._store_partial(ns, args.out, "stopped by an error")
+            raise
+        finally:
+            restore_model()
+            if publisher is not None:
+                publisher.close()
+        ns[args.out] = report
+        return report
+
+    @staticmethod
+    def _store_partial(ns: dict[str, Any], out: str, why: str | None) -> None:
+        run = last_run()
+        if run is None or run.report is None:
+            return
+        ns[out] = run.report
+        if why is not None:
+            print(
+                f"adaptive_nb: {why} after step {run.step}; the partial report is in `{out}`. "
+                "Model and optimizer hold the state after the last completed step."
+            )
+
+
+class _Restore(BaseObserver):
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def on_end(self, report: RunReport) -> None:
+        self._fn()
+
+
+def _status_publisher() -> Any:
+    """The run-status file writer for the JupyterLab sidebar (None outside a kernel)."""
+    try:
+        from .run_status import RunStatusPublisher
+
+        publisher = RunStatusPublisher()
+    except Exception as exc:  # publishing status is best effort
+        log.debug("run status publisher unavailable: %s", exc)
+        return None
+    if publisher.kernel_id is None:
+        return None
+    return publisher
