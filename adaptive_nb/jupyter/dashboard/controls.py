@@ -1,0 +1,190 @@
+"""Dashboard controls: Pause, Resume, Stop, policy, device include/exclude, headroom.
+
+Widget handlers run on whatever thread delivers widget messages (a kernel subshell while
+a cell runs, with ipykernel 7 and JupyterLab ≥ 4.4). They only call the thread-safe
+methods of :class:`adaptive_nb.control.RunControl` (and ``note``, which only records a
+string); the training loop applies the requests at the next step boundary and reports
+each as an event. Widget state (enabled buttons, selected policy) is updated by the
+dashboard's flush, never by a handler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ipywidgets as widgets
+
+from ...control import POLICIES, RunControl
+
+__all__ = ["RunControls"]
+
+log = logging.getLogger("adaptive_nb.dashboard")
+
+
+class RunControls:
+    """The control bar of a training run (``widget`` is what gets displayed)."""
+
+    def __init__(
+        self,
+        control: RunControl,
+        device_names: Sequence[str],
+        *,
+        policy: str = "adaptive",
+        headroom: float = 0.1,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        self.control = control
+        self._note = note or (lambda _text: None)
+        self._syncing = False
+        button = widgets.Layout(width="auto", min_width="92px")
+        self.pause_button = widgets.Button(
+            description="Pause",
+            icon="pause",
+            tooltip="Pause after the current step",
+            layout=button,
+        )
+        self.resume_button = widgets.Button(
+            description="Resume",
+            icon="play",
+            tooltip="Resume training",
+            disabled=True,
+            layout=button,
+        )
+        self.stop_button = widgets.Button(
+            description="Stop",
+            icon="stop",
+            button_style="danger",
+            tooltip="Finish the current step, stop, keep the report",
+            layout=button,
+        )
+        self.policy = widgets.Dropdown(
+            options=list(POLICIES),
+            value=policy if policy in POLICIES else POLICIES[0],
+            description="Policy",
+            layout=widgets.Layout(width="190px"),
+            style={"description_width": "48px"},
+        )
+        self.headroom = widgets.FloatSlider(
+            value=headroom,
+            min=0.0,
+            max=0.5,
+            step=0.05,
+            description="Headroom",
+            readout_format=".0%",
+            continuous_update=False,
+            tooltip="Memory kept free on each GPU",
+            layout=widgets.Layout(width="250px"),
+            style={"description_width": "68px"},
+        )
+        self.device_toggles = [
+            widgets.ToggleButton(
+                value=True,
+                description=name,
+                icon="check",
+                tooltip=f"Use {name} (untick to exclude it from the next steps)",
+                layout=widgets.Layout(width="auto"),
+            )
+            for name in device_names
+        ]
+        self.pause_button.on_click(self._on_pause)
+        self.resume_button.on_click(self._on_resume)
+        self.stop_button.on_click(self._on_stop)
+        self.policy.observe(self._on_policy, names="value")
+        self.headroom.observe(self._on_headroom, names="value")
+        for position, toggle in enumerate(self.device_toggles):
+            toggle.observe(self._device_handler(position), names="value")
+
+        rows: list[widgets.Widget] = [
+            widgets.HBox(
+                [
+                    self.pause_button,
+                    self.resume_button,
+                    self.stop_button,
+                    self.policy,
+                    self.headroom,
+                ],
+                layout=widgets.Layout(align_items="center", flex_flow="row wrap", gap="6px"),
+            )
+        ]
+        if len(self.device_toggles) > 1:
+            rows.append(
+                widgets.HBox(
+                    [widgets.Label("Devices:"), *self.device_toggles],
+                    layout=widgets.Layout(align_items="center", flex_flow="row wrap", gap="4px"),
+                )
+            )
+        self.widget = widgets.VBox(rows)
+
+    # -- handlers (any thread): only RunControl calls ----------------------------------
+    def _on_pause(self, _button: Any = None) -> None:
+        self.control.pause()
+        self._note("pause requested")
+
+    def _on_resume(self, _button: Any = None) -> None:
+        self.control.resume()
+        self._note("resume requested")
+
+    def _on_stop(self, _button: Any = None) -> None:
+        self.control.stop()
+        self._note("stop requested: finishing the current step")
+
+    def _on_policy(self, change: dict[str, Any]) -> None:
+        if self._syncing:
+            return
+        try:
+            self.control.set_policy(str(change["new"]))
+            self._note(f"policy {change['new']} requested")
+        except ValueError as exc:
+            log.warning("%s", exc)
+
+    def _on_headroom(self, change: dict[str, Any]) -> None:
+        if self._syncing:
+            return
+        try:
+            self.control.set_headroom(float(change["new"]))
+            self._note(f"headroom {float(change['new']):.0%} requested")
+        except ValueError as exc:
+            log.warning("%s", exc)
+
+    def _device_handler(self, position: int) -> Callable[[dict[str, Any]], None]:
+        def handler(change: dict[str, Any]) -> None:
+            if self._syncing:
+                return
+            enabled = bool(change["new"])
+            self.control.set_device_enabled(position, enabled)
+            name = self.device_toggles[position].description
+            self._note(f"{'include' if enabled else 'exclude'} {name} requested")
+
+        return handler
+
+    # -- state (called by the dashboard's flush) ----------------------------------------
+    def show_state(self, *, paused: bool, ended: bool, policy: str | None = None) -> None:
+        """Enable the buttons that make sense now; reflect the run's policy."""
+        self.pause_button.disabled = ended or paused
+        self.resume_button.disabled = ended or not paused
+        self.stop_button.disabled = ended
+        self.policy.disabled = ended
+        self.headroom.disabled = ended
+        for toggle in self.device_toggles:
+            toggle.disabled = ended
+            icon = "check" if toggle.value else "times"
+            if toggle.icon != icon:
+                toggle.icon = icon
+        if policy in POLICIES and policy != self.policy.value:
+            self._syncing = True
+            try:
+                self.policy.value = policy
+            finally:
+                self._syncing = False
+
+    def widgets(self) -> list[widgets.Widget]:
+        return [
+            self.pause_button,
+            self.resume_button,
+            self.stop_button,
+            self.policy,
+            self.headroom,
+            *self.device_toggles,
+        ]

@@ -1,0 +1,511 @@
+"""The live dashboard: an Observer of a training run (or of the resource monitor).
+
+Observer callbacks run on the training thread. They only record data into bounded
+buffers (cheap) and, at most ``update_hz`` times a second, push what changed to the
+widgets (one ``hold_sync`` message per changed widget). A timer sends the last pending
+update so the display is never more than ``1 / update_hz`` seconds stale, also while the
+run is paused. Any error while updating widgets is logged once and disables the
+dashboard: training never stops because of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+
+from ...control import RunControl
+from ...events import BaseObserver, Event, EventKind, Progress, RunInfo, TickRecord
+from .buffers import MultiSeries, Series
+from .controls import RunControls
+from .figures import DashboardFigures
+from .format import event_row_html, fmt_duration, fmt_number, fmt_rate
+
+if TYPE_CHECKING:
+    from ...monitor.snapshot import Snapshot
+    from ...report import RunReport
+
+__all__ = ["Dashboard"]
+
+log = logging.getLogger("adaptive_nb.dashboard")
+
+_POLICY_WORD = re.compile(r"\b(adaptive|weights|static)\b")
+_CONTROL_KINDS = {EventKind.PAUSE, EventKind.RESUME, EventKind.STOP}
+
+
+class Dashboard(BaseObserver):
+    """Live plots, progress, event log and controls of one run.
+
+    ``Dashboard(control, device_names, simulated, update_hz=4.0)``: pass it to
+    ``train(observers=[dashboard], control=control)`` after displaying it. With
+    ``control=None`` it shows no controls and no training plots (monitor-only mode, fed
+    by :meth:`on_snapshot`).
+    """
+
+    def __init__(
+        self,
+        control: RunControl | None,
+        device_names: Sequence[str],
+        simulated: bool,
+        update_hz: float = 4.0,
+        *,
+        max_points: int = 300,
+        max_events: int = 200,
+        policy: str = "adaptive",
+        headroom: float = 0.1,
+        title: str = "adaptive_nb",
+        clock: Callable[[], float] = time.monotonic,
+        use_timer: bool = True,
+    ) -> None:
+        if update_hz <= 0:
+            raise ValueError("update_hz must be positive")
+        self.control = control
+        self.device_names = list(device_names)
+        self.simulated = simulated
+        self.update_hz = float(update_hz)
+        self.min_interval = 1.0 / self.update_hz
+        self.monitor_only = control is None
+        self.title = title
+        self.disabled = False
+        self.flushes = 0
+        self._clock = clock
+        self._use_timer = use_timer
+        self._lock = threading.Lock()  # guards recorded data
+        self._flush_lock = threading.Lock()  # one widget update at a time
+        self._timer: threading.Timer | None = None
+        self._last_flush = -math.inf
+        self._dirty = False
+
+        # recorded state (under _lock)
+        self._info: RunInfo | None = None
+        self._progress: Progress | None = None
+        self._tick: TickRecord | None = None
+        self._util = MultiSeries(max_points)
+        self._tput = Series(max_points)
+        self._loss = Series(max_points)
+        self._events: deque[tuple[Event, int]] = deque(maxlen=max_events)
+        self._events_total = 0
+        self._paused = False
+        self._ended: str | None = None  # None while running, else how it ended
+        self._policy = policy
+        self._note = ""
+        self._monitor_t0: float | None = None
+
+        self._build(policy, headroom)
+
+    # -- layout -------------------------------------------------------------------------
+    def _build(self, policy: str, headroom: float) -> None:
+        self.header = widgets.HTML(self._header_html())
+        self.progress_bar = widgets.FloatProgress(
+            value=0.0,
+            min=0.0,
+            max=1.0,
+            bar_style="info",
+            layout=widgets.Layout(width="38%", min_width="200px"),
+        )
+        self.stats = widgets.HTML(self._stats_html())
+        self.status = widgets.HTML(self._status_html())
+        self.figures = DashboardFigures(self.device_names, show_training=not self.monitor_only)
+        self.controls: RunControls | None = None
+        if self.control is not None:
+            self.controls = RunControls(
+                self.control,
+                self.device_names,
+                policy=policy,
+                headroom=headroom,
+                note=self.note,
+            )
+        self.event_log = widgets.HTML(self._events_html([]))
+        log_box = widgets.Box(
+            [self.event_log],
+            layout=widgets.Layout(
+                max_height="170px", overflow="auto", border="1px solid #e5e7eb", padding="2px 6px"
+            ),
+        )
+        figs = self.figures.all()
+        grid = widgets.GridBox(
+            figs,
+            layout=widgets.Layout(grid_template_columns="repeat(2, minmax(300px, 1fr))"),
+        )
+        progress_row = widgets.HBox(
+            [self.progress_bar, self.stats],
+            layout=widgets.Layout(align_items="center", gap="10px"),
+        )
+        children: list[widgets.Widget] = [self.header, progress_row, self.status]
+        if self.controls is not None:
+            children.append(self.controls.widget)
+        children += [grid, widgets.HTML("<b style='font-size:13px'>Events</b>"), log_box]
+        self.widget = widgets.VBox(children, layout=widgets.Layout(width="100%", padding="4px 2px"))
+        self.widget.add_class("adaptive-nb-dashboard")
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # -- observer callbacks (training thread) -------------------------------------------
+    def on_start(self, info: RunInfo) -> None:
+        if self.disabled:
+            return
+        with self._lock:
+            self._info = info
+            self._policy = info.policy
+            self.simulated = self.simulated or info.simulated
+            if info.devices:
+                self.device_names = list(info.devices)
+        self._request_flush(force=True)
+
+    def on_progress(self, progress: Progress) -> None:
+        if self.disabled:
+            return
+        with self._lock:
+            self._progress = progress
+            self._paused = progress.paused
+            self._tput.append(progress.elapsed_s, progress.samples_per_s)
+            self._loss.append(progress.elapsed_s, progress.loss)
+        self._request_flush()
+
+    def on_tick(self, record: TickRecord) -> None:
+        if self.disabled:
+            return
+        with self._lock:
+            self._tick = record
+            self._util.append(record.t, record.util_pct)
+        self._request_flush()
+
+    def on_event(self, event: Event) -> None:
+        if self.disabled:
+            return
+        with self._lock:
+            self._events_total += 1
+            if self._events and _same_event(self._events[-1][0], event):
+                _first, n = self._events[-1]
+                self._events[-1] = (event, n + 1)
+            else:
+                self._events.append((event, 1))
+            if event.kind == EventKind.PAUSE:
+                self._paused = True
+            elif event.kind in (EventKind.RESUME, EventKind.STOP):
+                self._paused = False
+            elif event.kind == EventKind.POLICY:
+                words = _POLICY_WORD.findall(event.detail)
+                if words:
+                    self._policy = words[-1]
+            if event.kind in _CONTROL_KINDS:
+                self._note = ""
+        self._request_flush()
+
+    def on_end(self, report: RunReport) -> None:
+        if self.disabled:
+            return
+        summary = getattr(report, "summary", {}) or {}
+        ended = str(summary.get("ended") or "finished")
+        with self._lock:
+            self._ended = ended
+            self._paused = False
+            self._note = ""
+            p = self._progress
+            if p is not None and isinstance(summary.get("steps"), int):
+                self._progress = replace(
+                    p,
+                    step=summary["steps"],
+                    samples=int(summary.get("samples") or p.samples),
+                    elapsed_s=float(summary.get("wall_s") or p.elapsed_s),
+                    samples_per_s=float(summary.get("samples_per_s") or p.samples_per_s),
+                    eta_s=None,
+                    loss=summary.get("final_loss", p.loss),
+                    paused=False,
+                )
+            timeline = getattr(report, "timeline", None)
+            if timeline and self._tick is None:
+                self._tick = timeline[-1]
+        self._cancel_timer()
+        self._request_flush(force=True)
+
+    # -- monitor-only feed ---------------------------------------------------------------
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        """Plot one resource-monitor sample (``%%adaptive_monitor``; any thread)."""
+        if self.disabled:
+            return
+        from ...monitor_report import snapshot_record
+
+        with self._lock:
+            if self._monitor_t0 is None:
+                self._monitor_t0 = snapshot.t
+            record = snapshot_record(snapshot, self._monitor_t0)
+            self._tick = record
+            self._util.append(record.t, record.util_pct)
+            if record.devices and record.devices != self.device_names:
+                self.device_names = list(record.devices)
+        self._request_flush()
+
+    def finish(self, text: str = "finished") -> None:
+        """Mark a monitor-only dashboard as done and send the final state."""
+        if self.disabled:
+            return
+        with self._lock:
+            self._ended = text
+        self._cancel_timer()
+        self._request_flush(force=True)
+
+    # -- requests from control handlers (any thread) -----------------------------------
+    def note(self, text: str) -> None:
+        """Show a short status note (e.g. "pause requested") at the next update."""
+        with self._lock:
+            self._note = text
+        self._request_flush()
+
+    # -- throttled flushing --------------------------------------------------------------
+    def _request_flush(self, force: bool = False) -> None:
+        with self._lock:
+            self._dirty = True
+        if self.disabled:
+            return
+        now = self._clock()
+        if force or now - self._last_flush >= self.min_interval:
+            self._flush(blocking=force)
+        else:
+            self._arm_timer(self._last_flush + self.min_interval - now)
+
+    def _arm_timer(self, delay: float) -> None:
+        if not self._use_timer or self._ended is not None:
+            return
+        with self._lock:
+            if self._timer is not None:
+                return
+            timer = threading.Timer(max(0.0, delay), self._on_timer)
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+        if not self.disabled and self._dirty:
+            self._request_flush()
+
+    def _cancel_timer(self) -> None:
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def flush(self) -> None:
+        """Send the current state to the widgets now (ignores throttling)."""
+        self._request_flush(force=True)
+
+    def _flush(self, blocking: bool) -> None:
+        if not self._flush_lock.acquire(blocking=blocking):
+            self._arm_timer(self.min_interval)
+            return
+        try:
+            with self._lock:
+                self._dirty = False
+                self._last_flush = self._clock()
+                state = self._state()
+            self._render(state)
+            self.flushes += 1
+        except Exception as exc:  # never let the display stop training
+            self._fail(exc)
+        finally:
+            self._flush_lock.release()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.disabled:
+            return
+        self.disabled = True
+        self._cancel_timer()
+        log.warning(
+            "adaptive_nb dashboard stopped updating after a display error "
+            "(training continues): %s: %s",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        with contextlib.suppress(Exception):
+            self.status.value = (
+                "<span style='color:#b91c1c'>dashboard stopped updating after a display "
+                f"error ({html.escape(type(exc).__name__)}); training continues</span>"
+            )
+
+    # -- rendering (holds _flush_lock) ----------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        names = list(self.device_names)
+        util_names = [n for n in names if n in self._util.names] + [
+            n for n in self._util.names if n not in names
+        ]
+        ux, uys = self._util.data(util_names)
+        tx, tys = self._tput.data()
+        _, lys = self._loss.data()
+        return {
+            "info": self._info,
+            "progress": self._progress,
+            "tick": self._tick,
+            "names": names,
+            "util": (ux, util_names, uys),
+            "tput": (tx, tys, lys),
+            "events": list(self._events),
+            "events_total": self._events_total,
+            "paused": self._paused,
+            "ended": self._ended,
+            "policy": self._policy,
+            "note": self._note,
+        }
+
+    def _render(self, s: dict[str, Any]) -> None:
+        sync = self.figures.sync
+        sync.set(self.header, value=self._header_html(s["info"], s["policy"]))
+        self._render_progress(s["progress"], s["info"], s["ended"])
+        sync.set(self.status, value=self._status_html(s["paused"], s["ended"], s["note"]))
+        ux, util_names, uys = s["util"]
+        if ux:
+            self.figures.update_util(ux, util_names, uys)
+        tick: TickRecord | None = s["tick"]
+        if tick is not None:
+            order = s["names"] + [n for n in tick.mem_total_mb if n not in s["names"]]
+            self.figures.update_memory(
+                order, tick.mem_used_mb, tick.mem_other_mb, tick.mem_total_mb
+            )
+            if not self.monitor_only:
+                self.figures.update_shares(s["names"], tick.shares)
+        tx, tys, lys = s["tput"]
+        if tx and not self.monitor_only:
+            self.figures.update_throughput(tx, tys, lys)
+        sync.set(self.event_log, value=self._events_html(s["events"], s["events_total"]))
+        if self.controls is not None:
+            self.controls.show_state(
+                paused=s["paused"], ended=s["ended"] is not None, policy=s["policy"]
+            )
+
+    def _render_progress(self, p: Progress | None, info: RunInfo | None, ended: str | None) -> None:
+        sync = self.figures.sync
+        total = p.total_steps if p is not None else (info.total_steps if info else None)
+        epochs = info.epochs if info is not None else None
+        if p is None:
+            value, maximum = 0.0, 1.0
+        elif total:
+            value, maximum = float(min(p.step, total)), float(total)
+        elif epochs:  # unknown epoch length: show completed epochs (``epoch`` is 0-based)
+            value, maximum = float(max(0, min(p.epoch, epochs))), float(epochs)
+        else:
+            value, maximum = 0.0, 1.0
+        style = "info"
+        if ended is not None:
+            style = "success" if _completed(ended) else "warning"
+            if ended.startswith("error"):
+                style = "danger"
+            if self.monitor_only or style == "success":
+                value = maximum
+        elif p is not None and p.paused:
+            style = "warning"
+        sync.set(self.progress_bar, max=maximum, value=value, bar_style=style)
+        sync.set(self.stats, value=self._stats_html(p, info, ended))
+
+    # -- HTML pieces ------------------------------------------------------------------------
+    def _header_html(self, info: RunInfo | None = None, policy: str | None = None) -> str:
+        names = list(info.devices) if info is not None and info.devices else self.device_names
+        simulated = self.simulated or bool(info and info.simulated)
+        parts = [f"<b style='font-size:15px'>{html.escape(self.title)}</b>"]
+        if self.monitor_only:
+            parts.append("resource monitor")
+        elif info is not None:
+            parts.append(f"run <code>{html.escape(info.run_id)}</code>")
+        if not self.monitor_only:
+            parts.append(f"policy <b>{html.escape(policy or self._policy)}</b>")
+            if info is not None and info.global_batch:
+                parts.append(f"global batch {info.global_batch}")
+        if names:
+            devs = ", ".join(html.escape(n) for n in names)
+            parts.append(f"{len(names)} device{'s' if len(names) != 1 else ''}: {devs}")
+        badge = ""
+        if simulated:
+            badge = (
+                " <span title='Devices are simulated: timings and memory come from a model, "
+                "not from hardware' style='background:#b45309;color:white;font-weight:700;"
+                "border-radius:4px;padding:1px 8px;margin-left:6px;letter-spacing:0.5px'>"
+                "SIMULATED</span>"
+            )
+        return (
+            "<div style='line-height:1.6'>"
+            + " <span style='color:#9ca3af'>·</span> ".join(parts)
+            + badge
+            + "</div>"
+        )
+
+    def _stats_html(
+        self, p: Progress | None = None, info: RunInfo | None = None, ended: str | None = None
+    ) -> str:
+        if self.monitor_only:
+            tick = self._tick
+            el = fmt_duration(tick.t) if tick is not None else "0:00"
+            return f"<span style='font-size:13px'>elapsed <b>{el}</b></span>"
+        if p is None:
+            return "<span style='color:#6b7280;font-size:13px'>waiting for the first step…</span>"
+        total = p.total_steps
+        if total:
+            steps = f"step <b>{p.step:,}</b> / {total:,}"
+        else:
+            epochs = info.epochs if info is not None else None
+            ep = f"epoch {p.epoch + 1}" + (f" / {epochs}" if epochs else "")
+            steps = f"step <b>{p.step:,}</b> ({ep}, length unknown)"
+        eta = "–" if ended is not None else fmt_duration(p.eta_s)
+        items = [
+            steps,
+            f"<b>{fmt_rate(p.samples_per_s)}</b>",
+            f"ETA {eta}",
+            f"elapsed {fmt_duration(p.elapsed_s)}",
+        ]
+        if p.loss is not None:
+            items.append(f"loss {fmt_number(p.loss, 4)}")
+        sep = " <span style='color:#9ca3af'>·</span> "
+        return f"<span style='font-size:13px'>{sep.join(items)}</span>"
+
+    def _status_html(self, paused: bool = False, ended: str | None = None, note: str = "") -> str:
+        if ended is not None:
+            colour, text = "#15803d", f"Run {ended}"
+            if not _completed(ended):
+                colour = "#b91c1c" if ended.startswith("error") else "#b45309"
+            if self.monitor_only:
+                colour, text = "#15803d", f"Monitoring {ended}"
+        elif paused:
+            colour, text = "#b45309", "Paused: press Resume to continue"
+        else:
+            colour, text = "#2563eb", "Monitoring" if self.monitor_only else "Running"
+        extra = f" <span style='color:#6b7280'>({html.escape(note)})</span>" if note else ""
+        return (
+            f"<span style='font-size:13px'><span style='color:{colour}'>●</span> "
+            f"<b>{html.escape(text)}</b>{extra}</span>"
+        )
+
+    @staticmethod
+    def _events_html(events: list[tuple[Event, int]], total: int = 0) -> str:
+        if not events:
+            return "<span style='color:#6b7280;font-size:12px'>no events yet</span>"
+        rows = "".join(event_row_html(e, n) for e, n in reversed(events))
+        more = ""
+        shown = sum(n for _, n in events)
+        if total > shown:
+            more = (
+                f"<div style='color:#6b7280'>… {total - shown} earlier events in the report</div>"
+            )
+        return (
+            "<table style='font-size:12px;border-collapse:collapse;width:100%'>"
+            "<tr style='color:#6b7280;text-align:left'><th>time</th><th>step</th><th>what</th>"
+            f"<th>detail</th></tr>{rows}</table>{more}"
+        )
+
+
+def _completed(ended: str) -> bool:
+    return ended in ("finished", "completed", "done")
+
+
+def _same_event(a: Event, b: Event) -> bool:
+    return a.kind == b.kind and a.detail == b.detail
