@@ -127,6 +127,7 @@ class GpuSampler:
         self._map_key: tuple[object, tuple[str, ...]] | None = None
         self._map: dict[int, int] = {}
         self._failing: set[int] = set()
+        self._last_uuid: dict[int, str] = {}  # survives a lost device's static info
         self.lost: dict[int, str] = {}  # nvml index -> uuid of devices reported lost
 
     def _env_value(self) -> str | None:
@@ -139,6 +140,7 @@ class GpuSampler:
         if info is None:
             info = (self.backend.uuid(i), self.backend.name(i))
             self._static[i] = info
+            self._last_uuid[i] = info[0]
         return info
 
     def _torch_index(self, count: int) -> dict[int, int]:
@@ -174,7 +176,7 @@ class GpuSampler:
             try:
                 readable[i] = self._static_info(i)
             except NvmlDeviceError as err:
-                faults.append((i, "", err))
+                faults.append((i, self._last_uuid.get(i, ""), err))
         index_of = self._torch_index(count)
 
         samples: list[GpuSample] = []

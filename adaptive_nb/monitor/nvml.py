@@ -258,20 +258,23 @@ class PynvmlBackend:
             self._handles.pop(index, None)
         return NvmlDeviceError(index, str(err) or type(err).__name__, lost=lost)
 
-    def _required(self, index: int, fn: Callable[[Any], R]) -> R:
+    def _call(self, index: int, fn_name: str, *args: Any) -> Any:
+        return self._locked(getattr(self._nv, fn_name), self._handle(index), *args)
+
+    def _required(self, index: int, fn_name: str, *args: Any) -> Any:
         if not self.available:
             raise NvmlDeviceError(index, self._notice or "NVML unavailable")
         try:
-            return self._locked(fn, self._handle(index))
+            return self._call(index, fn_name, *args)
         except (self._nv.NVMLError, RuntimeError) as err:
             raise self._device_error(index, err) from None
 
-    def _optional(self, index: int, fn: Callable[[Any], R]) -> R | None:
+    def _optional(self, index: int, fn_name: str, *args: Any) -> Any:
         """None when unsupported; a lost device still raises so it is noticed."""
         if not self.available:
             return None
         try:
-            return self._locked(fn, self._handle(index))
+            return self._call(index, fn_name, *args)
         except (self._nv.NVMLError, RuntimeError) as err:
             if isinstance(err, self._lost):
                 raise self._device_error(index, err) from None
@@ -282,34 +285,30 @@ class PynvmlBackend:
         return self._count if self.available else 0
 
     def uuid(self, index: int) -> str:
-        return _text(self._required(index, self._nv.nvmlDeviceGetUUID))
+        return _text(self._required(index, "nvmlDeviceGetUUID"))
 
     def name(self, index: int) -> str:
-        return _text(self._required(index, self._nv.nvmlDeviceGetName))
+        return _text(self._required(index, "nvmlDeviceGetName"))
 
     def utilization_pct(self, index: int) -> float:
-        rates = self._required(index, self._nv.nvmlDeviceGetUtilizationRates)
-        return float(rates.gpu)
+        return float(self._required(index, "nvmlDeviceGetUtilizationRates").gpu)
 
     def memory_mb(self, index: int) -> MemoryMB:
-        info = self._required(index, self._nv.nvmlDeviceGetMemoryInfo)
+        info = self._required(index, "nvmlDeviceGetMemoryInfo")
         return MemoryMB(info.used / MB, info.free / MB, info.total / MB)
 
     def power_w(self, index: int) -> float | None:
-        mw = self._optional(index, self._nv.nvmlDeviceGetPowerUsage)
+        mw = self._optional(index, "nvmlDeviceGetPowerUsage")
         return None if mw is None else float(mw) / 1000.0
 
     def temperature_c(self, index: int) -> float | None:
-        nv = self._nv
-
-        def read(h: Any) -> Any:
-            return nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
-
-        t = self._optional(index, read)
+        if not self.available:
+            return None
+        t = self._optional(index, "nvmlDeviceGetTemperature", self._nv.NVML_TEMPERATURE_GPU)
         return None if t is None else float(t)
 
     def compute_processes(self, index: int) -> list[tuple[int, float]]:
-        procs = self._optional(index, self._nv.nvmlDeviceGetComputeRunningProcesses)
+        procs = self._optional(index, "nvmlDeviceGetComputeRunningProcesses")
         if not procs:
             return []
         out: list[tuple[int, float]] = []
