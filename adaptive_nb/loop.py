@@ -458,6 +458,9 @@ class Run:
             f"training on {', '.join(self.info.devices)}"
             f"{' (simulated)' if self.engine.simulated else ''}, policy {self.policy}",
         )
+        notice = getattr(self.snapshots, "notice", None)
+        if isinstance(notice, str) and notice:
+            self._event(EventKind.NOTICE, notice)
         primary = self.engine.primary_device()
         interval = self.control_interval
         next_tick = 0.0

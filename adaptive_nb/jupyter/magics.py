@@ -210,16 +210,17 @@ class AdaptiveMagics(Magics):
                 f"`{args.out}` when it ends."
             )
             return None
+        previous = last_run()
         try:
             report = train(step, observers=observers, **kwargs)
         except KeyboardInterrupt:
-            self._store_partial(ns, args.out, "interrupted")
+            self._store_partial(ns, args.out, "interrupted", previous)
             raise
         except UsageError:
-            self._store_partial(ns, args.out, None)
+            self._store_partial(ns, args.out, None, previous)
             raise
         except BaseException:
-            self._store_partial(ns, args.out, "stopped by an error")
+            self._store_partial(ns, args.out, "stopped by an error", previous)
             raise
         finally:
             restore_model()
@@ -229,10 +230,10 @@ class AdaptiveMagics(Magics):
         return report
 
     @staticmethod
-    def _store_partial(ns: dict[str, Any], out: str, why: str | None) -> None:
+    def _store_partial(ns: dict[str, Any], out: str, why: str | None, previous: Any) -> None:
         run = last_run()
-        if run is None or run.report is None:
-            return
+        if run is None or run is previous or run.report is None:
+            return  # the run never started: nothing to store
         ns[out] = run.report
         if why is not None:
             print(

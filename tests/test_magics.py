@@ -1,0 +1,151 @@
+"""%load_ext adaptive_nb and %%adaptive_train through a real IPython shell."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_data, make_model, params_of, same_params
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from adaptive_nb import RunReport
+
+BODY = "x, y = batch\nloss = torch.nn.functional.cross_entropy(model(x), y)\n"
+OPTS = "--model net --optimizer opt --data loader --no-widget"
+
+
+@pytest.fixture
+def ip(capsys: pytest.CaptureFixture[str]) -> Iterator[InteractiveShell]:
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "adaptive_nb")
+    net = make_model()
+    shell.user_ns.update(
+        torch=torch,
+        net=net,
+        opt=torch.optim.SGD(net.parameters(), lr=0.1),
+        loader=make_data(),
+    )
+    yield shell
+    for name in ("net", "opt", "loader", "_adaptive", "model", "batch", "loss", "rep"):
+        shell.user_ns.pop(name, None)
+
+
+def test_load_ext_prints_a_machine_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("reload_ext", "adaptive_nb")
+    out = capsys.readouterr().out
+    assert out.startswith("adaptive_nb: ")
+    assert ("CPU only:" in out and "cores" in out and "GB RAM" in out) or "GPU" in out
+
+
+def test_train_cell_stores_and_returns_the_report(ip: InteractiveShell) -> None:
+    result = ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 5", BODY)
+    assert isinstance(result, RunReport)
+    assert ip.user_ns["_adaptive"] is result
+    assert result.summary["steps"] == 5
+    assert "model" not in ip.user_ns  # the wrapped model is not left behind
+    assert "batch" in ip.user_ns and "loss" in ip.user_ns  # as a plain loop would leave them
+
+
+def test_out_and_loss_names(ip: InteractiveShell) -> None:
+    body = "x, y = batch\nobjective = torch.nn.functional.cross_entropy(model(x), y)\n"
+    ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 2 --out rep --loss objective", body)
+    assert ip.user_ns["rep"].summary["steps"] == 2
+
+
+def test_a_notebook_variable_called_model_is_restored(ip: InteractiveShell) -> None:
+    ip.user_ns["model"] = ip.user_ns["net"]
+    ip.run_cell_magic(
+        "adaptive_train", "--model model --optimizer opt --data loader --no-widget --steps 2", BODY
+    )
+    assert ip.user_ns["model"] is ip.user_ns["net"]
+
+
+def test_body_equals_a_plain_loop(ip: InteractiveShell) -> None:
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x, y in make_data()[:4]:
+        ref_opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+    ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 4 --policy static", BODY)
+    assert same_params(params_of(ref), params_of(ip.user_ns["net"]))
+
+
+def test_magic_help_documents_every_option(ip: InteractiveShell) -> None:
+    doc = ip.find_cell_magic("adaptive_train").__doc__ or ""
+    for opt in (
+        "--model",
+        "--optimizer",
+        "--data",
+        "--epochs",
+        "--steps",
+        "--devices",
+        "--policy",
+        "--headroom",
+        "--no-widget",
+        "--out",
+        "--loss",
+        "--background",
+    ):
+        assert opt in doc, opt
+
+
+BAD: list[tuple[str, str, str]] = [
+    ("--model nett --optimizer opt --data loader", BODY, "no variable `nett`.*Did you mean `net`"),
+    ("--optimizer opt --data loader", BODY, "--model is missing"),
+    ("--model loader --optimizer opt --data loader", BODY, "`loader` is a list, not a torch.nn"),
+    ("--model net --optimizer net --data loader", BODY, "`net` is a TinyNet, not a torch.optim"),
+    ("--model net --optimizer opt --data net", BODY, "cannot be iterated"),
+    (f"{OPTS} --epochs 1 --steps 3", BODY, "either --epochs or --steps"),
+    (f"{OPTS} --steps 0", BODY, "at least 1"),
+    (f"{OPTS} --epochs -1", BODY, "at least 1"),
+    (f"{OPTS} --devices 7", BODY, "GPU 7 does not exist"),
+    (f"{OPTS} --policy greedy", BODY, "unknown policy 'greedy'"),
+    (f"{OPTS} --headroom 1.5", BODY, "headroom"),
+    (f"{OPTS} --steps 2", "\n# only a comment\n", "cell body is empty"),
+    (f"{OPTS} --steps 2", "x, y = batch\nloss = (model(x)\n", "syntax error in line 3 of the cell"),
+    (f"{OPTS} --steps two", BODY, "argument --steps"),
+]
+
+
+@pytest.mark.parametrize(("line", "body", "message"), BAD)
+def test_bad_input_is_a_clear_usage_error_and_changes_nothing(
+    ip: InteractiveShell, line: str, body: str, message: str
+) -> None:
+    before = params_of(ip.user_ns["net"])
+    with pytest.raises(IPythonUsageError, match=message):
+        ip.run_cell_magic("adaptive_train", line, body)
+    assert same_params(before, params_of(ip.user_ns["net"]))
+    assert "_adaptive" not in ip.user_ns
+
+
+def test_body_without_loss_fails_at_first_step(ip: InteractiveShell) -> None:
+    before = params_of(ip.user_ns["net"])
+    with pytest.raises(IPythonUsageError, match="never assigned `loss`"):
+        ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 3", "x, y = batch\nout = model(x)\n")
+    assert same_params(before, params_of(ip.user_ns["net"]))
+
+
+def test_user_error_keeps_its_type_and_line(ip: InteractiveShell) -> None:
+    body = (
+        "x, y = batch\nstep_no = globals().get('step_no', 0) + 1\nif step_no == 3:\n    1 / 0\n"
+        + ("loss = torch.nn.functional.cross_entropy(model(x), y)\n")
+    )
+    ip.user_ns["step_no"] = 0
+    with pytest.raises(ZeroDivisionError) as info:
+        ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 10", body)
+    frames = [f for f in __import__("traceback").extract_tb(info.value.__traceback__)]
+    user = [f for f in frames if f.line and "1 / 0" in f.line]
+    assert user and user[-1].lineno == 5  # line 5 of the cell (line 1 is the magic)
+    assert ip.user_ns["_adaptive"].summary["steps"] == 2  # the partial report is stored
+
+
+def test_widget_run_completes_in_a_plain_shell(ip: InteractiveShell) -> None:
+    result: Any = ip.run_cell_magic(
+        "adaptive_train", "--model net --optimizer opt --data loader --steps 3", BODY
+    )
+    assert result.summary["steps"] == 3

@@ -1,0 +1,137 @@
+"""CPU thread policy: try, measure, keep the best, hold under 5 %, re-probe on load change."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptive_nb.engine.base import StepOutcome
+from adaptive_nb.events import EventKind
+from adaptive_nb.monitor.snapshot import HostSample, Snapshot
+from adaptive_nb.plan.threads import ThreadController, thread_candidates
+
+
+class FakeThreads:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.history = [n]
+
+    def set(self, n: int) -> None:
+        self.n = n
+        self.history.append(n)
+
+    def get(self) -> int:
+        return self.n
+
+
+def outcome(rate: float) -> StepOutcome:
+    return StepOutcome(loss=torch.tensor(0.0), samples=100, wall_s=100 / rate)
+
+
+def drive(ctl: ThreadController, threads: FakeThreads, rates: dict[int, float], steps: int) -> list:
+    events = []
+    for i in range(steps):
+        ctl.observe(outcome(rates[threads.n]))
+        if i % 5 == 0:
+            events += ctl.tick(float(i), i, None)
+    return events + ctl.tick(float(steps), steps, None)
+
+
+def host(cpu_pct: float, proc_pct: float, cores: float = 8) -> Snapshot:
+    return Snapshot(
+        t=0.0,
+        host=HostSample(
+            cpu_pct=cpu_pct,
+            per_core_pct=(),
+            ram_used_mb=1000,
+            ram_available_mb=1000,
+            ram_total_mb=2000,
+            proc_cpu_pct=proc_pct,
+            proc_rss_mb=100,
+            cpu_cores=cores,
+        ),
+    )
+
+
+def test_candidates_cover_one_powers_of_two_and_all() -> None:
+    assert thread_candidates(1) == [1]
+    assert thread_candidates(2) == [1, 2]
+    assert thread_candidates(8) == [1, 2, 4, 6, 8]
+    assert thread_candidates(12) == [1, 2, 4, 8, 9, 12]
+
+
+def test_picks_the_fastest_thread_count() -> None:
+    t = FakeThreads(8)
+    ctl = ThreadController(cores=8, window=3, warmup=1, set_threads=t.set, get_threads=t.get)
+    rates = {1: 100.0, 2: 180.0, 4: 300.0, 6: 310.0, 8: 250.0}
+    events = drive(ctl, t, rates, 60)
+    assert t.n == 6
+    assert ctl.threads() == 6
+    change = [e for e in events if e.kind == EventKind.THREADS]
+    assert len(change) == 1 and "8 → 6 threads" in change[0].detail
+    assert set(t.history) == {1, 2, 4, 6, 8}  # every candidate was tried
+
+
+def test_holds_when_the_gain_is_under_five_percent() -> None:
+    t = FakeThreads(4)
+    ctl = ThreadController(cores=4, window=3, warmup=0, set_threads=t.set, get_threads=t.get)
+    rates = {1: 100.0, 2: 200.0, 4: 300.0}
+    rates_close = {**rates, 2: 310.0}  # 2 threads only 3 % faster than the held 4
+    events = drive(ctl, t, rates_close, 40)
+    assert t.n == 4
+    hold = [e for e in events if e.kind == EventKind.HOLD]
+    assert hold and "not worth a change" in hold[0].detail
+
+
+def test_says_when_there_is_nothing_to_try() -> None:
+    t = FakeThreads(1)
+    ctl = ThreadController(cores=1, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    events = drive(ctl, t, {1: 50.0}, 10)
+    assert [e.kind for e in events] == [EventKind.HOLD]
+    assert "only choice" in events[0].detail
+    assert t.history == [1]
+
+
+def test_static_policy_never_touches_threads() -> None:
+    t = FakeThreads(4)
+    ctl = ThreadController(
+        policy="static", cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
+    events = drive(ctl, t, {1: 500.0, 2: 10.0, 4: 10.0}, 30)
+    assert t.history == [4]
+    assert events == []
+
+
+def test_reprobes_when_external_load_changes_and_adapts() -> None:
+    t = FakeThreads(4)
+    ctl = ThreadController(cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    idle = {1: 100.0, 2: 190.0, 4: 360.0}
+    busy = {1: 100.0, 2: 150.0, 4: 60.0}  # another job now uses the cores
+    drive(ctl, t, idle, 20)
+    assert t.n == 4
+    ctl.tick(20.0, 20, host(cpu_pct=50, proc_pct=200, cores=4))  # external 0 %: reference
+    events = ctl.tick(21.0, 21, host(cpu_pct=90, proc_pct=200, cores=4))  # external 40 %
+    events += ctl.tick(22.0, 22, host(cpu_pct=90, proc_pct=200, cores=4))  # sustained
+    assert any(e.kind == EventKind.NOTICE and "re-probing" in e.detail for e in events)
+    events = drive(ctl, t, busy, 20)
+    assert t.n == 2
+    assert any(e.kind == EventKind.THREADS and "4 → 2" in e.detail for e in events)
+
+
+def test_a_single_load_blip_does_not_reprobe() -> None:
+    t = FakeThreads(2)
+    ctl = ThreadController(cores=2, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    drive(ctl, t, {1: 100.0, 2: 190.0}, 10)
+    probes = ctl.probes
+    ctl.tick(10.0, 10, host(cpu_pct=50, proc_pct=100, cores=2))
+    ctl.tick(11.0, 11, host(cpu_pct=95, proc_pct=100, cores=2))  # one tick only
+    ctl.tick(12.0, 12, host(cpu_pct=50, proc_pct=100, cores=2))
+    assert ctl.probes == probes
+
+
+def test_restore_puts_the_original_count_back() -> None:
+    t = FakeThreads(2)
+    ctl = ThreadController(cores=2, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    drive(ctl, t, {1: 300.0, 2: 100.0}, 10)
+    assert t.n == 1
+    ctl.restore()
+    assert t.n == 2
