@@ -61,10 +61,10 @@ def current_kernel_id() -> str | None:
     return match.group(1) if match else None
 
 
-def status_path(directory: Path, kernel_id: str | None, pid: int) -> Path:
+def status_path(directory: str | os.PathLike[str], kernel_id: str | None, pid: int) -> Path:
     """Where the status file of the run in ``kernel_id`` (or process ``pid``) lives."""
     key = _SAFE.sub("_", kernel_id) if kernel_id else f"pid-{pid}"
-    return directory / f"{FILE_PREFIX}{key}.json"
+    return Path(directory) / f"{FILE_PREFIX}{key}.json"
 
 
 def _process_started(pid: int) -> float | None:

@@ -271,6 +271,6 @@ class ServerState:
                 kid = run.get("kernel_id")
                 if kid in notebooks:
                     run["notebook"] = notebooks[kid]
-                with contextlib.suppress(TypeError):
+                with contextlib.suppress(KeyError, TypeError, ValueError):
                     run["age_s"] = round(max(0.0, time.time() - float(run["updated"])), 1)
         return {"runs": runs}
