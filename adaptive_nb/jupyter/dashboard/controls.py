@@ -105,14 +105,14 @@ class RunControls:
                     self.policy,
                     self.headroom,
                 ],
-                layout=widgets.Layout(align_items="center", flex_flow="row wrap", gap="6px"),
+                layout=widgets.Layout(align_items="center", flex_flow="row wrap"),
             )
         ]
         if len(self.device_toggles) > 1:
             rows.append(
                 widgets.HBox(
                     [widgets.Label("Devices:"), *self.device_toggles],
-                    layout=widgets.Layout(align_items="center", flex_flow="row wrap", gap="4px"),
+                    layout=widgets.Layout(align_items="center", flex_flow="row wrap"),
                 )
             )
         self.widget = widgets.VBox(rows)

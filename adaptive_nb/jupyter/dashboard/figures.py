@@ -123,7 +123,7 @@ class DashboardFigures:
         self.util = _figure(
             "Utilisation per device (%)",
             [self.util_lines],
-            [_time_axis(ux), bq.Axis(scale=uy, orientation="vertical", num_ticks=5)],
+            [_time_axis(ux), bq.Axis(scale=uy, side="left", num_ticks=5)],
             legend=True,
         )
 
@@ -146,12 +146,18 @@ class DashboardFigures:
             [self.mem_bars],
             [
                 bq.Axis(scale=mx),
-                bq.Axis(scale=my, orientation="vertical", num_ticks=5, grid_lines="dashed"),
+                bq.Axis(scale=my, side="left", num_ticks=5, grid_lines="dashed"),
             ],
             legend=True,
         )
         self.memory.legend_location = "top-right"
 
+        self.throughput: bq.Figure | None = None
+        self.shares: bq.Figure | None = None
+        if show_training:
+            self._build_training(names)
+
+    def _build_training(self, names: list[str]) -> None:
         # throughput (left axis) and loss (right axis) over time
         tx, ty, ly = bq.LinearScale(), bq.LinearScale(min=0.0), bq.LinearScale()
         self.tput_line = bq.Lines(
@@ -179,7 +185,7 @@ class DashboardFigures:
                 _time_axis(tx),
                 bq.Axis(
                     scale=ty,
-                    orientation="vertical",
+                    side="left",
                     label="samples/s",
                     num_ticks=5,
                     color=PALETTE[0],
@@ -187,7 +193,6 @@ class DashboardFigures:
                 ),
                 bq.Axis(
                     scale=ly,
-                    orientation="vertical",
                     side="right",
                     label="loss",
                     num_ticks=5,
@@ -215,13 +220,13 @@ class DashboardFigures:
             [self.share_bars],
             [
                 bq.Axis(scale=sx),
-                bq.Axis(scale=sy, orientation="vertical", num_ticks=5, grid_lines="dashed"),
+                bq.Axis(scale=sy, side="left", num_ticks=5, grid_lines="dashed"),
             ],
             legend=False,
         )
 
     def all(self) -> list[bq.Figure]:
-        if self.show_training:
+        if self.throughput is not None and self.shares is not None:
             return [self.util, self.throughput, self.memory, self.shares]
         return [self.util, self.memory]
 
@@ -261,7 +266,7 @@ class DashboardFigures:
     def update_throughput(
         self, x: Sequence[float], samples_per_s: Sequence[float], loss: Sequence[float]
     ) -> None:
-        if len(x) < 2:
+        if len(x) < 2 or self.throughput is None:
             return
         self.sync.set(self.tput_line, x=_as_array(x), y=_as_array(samples_per_s))
         if any(math.isfinite(v) for v in loss):
@@ -269,7 +274,7 @@ class DashboardFigures:
 
     def update_shares(self, names: Sequence[str], shares: Mapping[str, float]) -> None:
         shown = [n for n in names if n in shares] or list(shares)
-        if not shown:
+        if not shown or self.shares is None:
             return
         self.sync.set(
             self.share_bars,

@@ -139,7 +139,7 @@ class Dashboard(BaseObserver):
         )
         progress_row = widgets.HBox(
             [self.progress_bar, self.stats],
-            layout=widgets.Layout(align_items="center", gap="10px"),
+            layout=widgets.Layout(align_items="center"),
         )
         children: list[widgets.Widget] = [self.header, progress_row, self.status]
         if self.controls is not None:

@@ -78,7 +78,7 @@ def report_figures(report: Any) -> list[bq.Figure]:
     marks: list[bq.Mark] = [tput]
     axes = [
         bq.Axis(scale=tx, label="time (s)", grid_lines="dashed"),
-        bq.Axis(scale=ty, orientation="vertical", label="samples/s", color=PALETTE[0]),
+        bq.Axis(scale=ty, side="left", label="samples/s", color=PALETTE[0]),
     ]
     if np.isfinite(loss_y).any():
         marks.append(
@@ -91,9 +91,7 @@ def report_figures(report: Any) -> list[bq.Figure]:
                 scales={"x": tx, "y": ly},
             )
         )
-        axes.append(
-            bq.Axis(scale=ly, orientation="vertical", side="right", label="loss", color=PALETTE[3])
-        )
+        axes.append(bq.Axis(scale=ly, side="right", label="loss", color=PALETTE[3]))
     throughput = _figure(f"Throughput{sim}", marks, axes)
 
     # utilisation per device
@@ -117,7 +115,7 @@ def report_figures(report: Any) -> list[bq.Figure]:
         util_marks,
         [
             bq.Axis(scale=ux, label="time (s)", grid_lines="dashed"),
-            bq.Axis(scale=uy, orientation="vertical"),
+            bq.Axis(scale=uy, side="left"),
         ],
     )
 
@@ -163,7 +161,7 @@ def report_figures(report: Any) -> list[bq.Figure]:
         alloc_marks,
         [
             bq.Axis(scale=ax, label="time (s)", grid_lines="dashed"),
-            bq.Axis(scale=ay, orientation="vertical"),
+            bq.Axis(scale=ay, side="left"),
         ],
     )
     return [throughput, utilisation, allocation]
