@@ -149,3 +149,21 @@ def test_widget_run_completes_in_a_plain_shell(ip: InteractiveShell) -> None:
         "adaptive_train", "--model net --optimizer opt --data loader --steps 3", BODY
     )
     assert result.summary["steps"] == 3
+
+
+def test_kernel_interrupt_keeps_the_partial_report(ip: InteractiveShell) -> None:
+    body = (
+        "import os, signal\n"
+        "calls = globals().get('calls', 0) + 1\n"
+        "if calls == 3:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "x, y = batch\n"
+        "loss = torch.nn.functional.cross_entropy(model(x), y)\n"
+    )
+    ip.user_ns["calls"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 50", body)
+    report = ip.user_ns["_adaptive"]
+    assert report.summary["steps"] == 3
+    assert report.summary["ended"] == "interrupted"
+    assert "model" not in ip.user_ns
