@@ -1,0 +1,619 @@
+"""The GPU allocation controller: which devices a run uses and how much of each batch each
+one gets, re-decided every control tick from online models and forecasts.
+
+Policies: ``adaptive`` (device set + shares), ``weights`` (all devices, shares adapt),
+``static`` (all devices, equal split: what plain ``nn.DataParallel`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ..engine.base import DeviceFailure, OutOfMemory, StepOutcome
+from ..events import Event, EventKind
+from ..monitor.snapshot import GpuSample, Snapshot
+from ..predict import Holt, MapeTracker, MemoryModel, StepTimeModel
+from .base import Controller
+from .planner import DeviceModel, Overhead, Plan, best_plan, evaluate, static_plan
+from .split import micro_batch_sizes
+
+if TYPE_CHECKING:
+    from ..engine.base import Engine
+
+__all__ = ["AllocatableEngine", "AllocationController", "SnapshotSource", "build_gpu_run"]
+
+POLICIES = ("adaptive", "weights", "static")
+
+
+class SnapshotSource(Protocol):
+    def latest(self) -> Snapshot | None: ...
+
+
+class AllocatableEngine(Protocol):
+    """What the controller needs from an engine (DataParallel or simulated)."""
+
+    def device_names(self) -> list[str]: ...
+
+    def monitor_keys(self) -> list[int | None]: ...
+
+    def apply_plan(self, plan: Plan) -> None: ...
+
+
+@dataclass
+class _Device:
+    position: int
+    name: str
+    key: int | None  # GpuSample.index that monitors it
+    time_model: StepTimeModel
+    enabled: bool = True
+    failed: bool = False
+    missing: bool = False
+    util: Holt = field(default_factory=lambda: Holt(0.5, 0.3, 0.0, 1.0, jump=0.3))
+    util_seen: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    ext_mem: Holt = field(default_factory=lambda: Holt(0.5, 0.3, 0.0, jump=1024.0))
+    total_mb: float | None = None
+    oom_cap: int | None = None
+    oom_avail_mb: float | None = None
+    history: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    best: tuple[float, float] | None = None  # (alpha, beta) when fastest
+    dropped_reason: str | None = None
+    reprobe_at: float = math.inf
+    reprobe_backoff: float = 60.0
+
+
+class AllocationController(Controller):
+    """Chooses device subset, shares and micro-batches for an :class:`AllocatableEngine`.
+
+    Every step :meth:`observe` updates per-device step-time models (RLS with forgetting),
+    the memory model and the overhead estimate. Every tick it updates Holt forecasts of
+    external load and memory from the snapshot and re-plans; a plan is applied only when
+    its predicted gain is at least ``min_gain`` (device-set changes at most every
+    ``set_change_interval`` seconds), except after faults, which re-plan at once.
+    """
+
+    def __init__(
+        self,
+        engine: AllocatableEngine,
+        *,
+        policy: str = "adaptive",
+        headroom: float = 0.1,
+        control_interval: float = 2.0,
+        snapshots: SnapshotSource | None = None,
+        min_gain: float = 0.05,
+        set_change_interval: float = 30.0,
+        volatility_window: float = 30.0,
+        forgetting: float = 0.9,
+        primary: int = 0,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.engine = engine
+        self.policy = policy
+        self.headroom = float(headroom)
+        self.control_interval = float(control_interval)
+        self.snapshots = snapshots
+        self.min_gain = float(min_gain)
+        self.set_change_interval = float(set_change_interval)
+        self.volatility_window = float(volatility_window)
+        self.primary = primary
+        names = engine.device_names()
+        keys = engine.monitor_keys()
+        self.devices = [
+            _Device(i, names[i], keys[i] if i < len(keys) else None, StepTimeModel(forgetting))
+            for i in range(len(names))
+        ]
+        self.memory = MemoryModel()
+        self.mape = MapeTracker()
+        self._overhead_obs: dict[int, float] = {}
+        self._batch = 0
+        self._now = 0.0
+        self._last_set_change = -math.inf
+        self._last_hold = -math.inf
+        self._predicted: float | None = None
+        self._predicted_batch = 0  # the batch size the prediction is for
+        self._oom_pending = 0
+        self.oom_recovered = 0
+        self.failures = 0
+        self.replans = 0
+        positions = [d.position for d in self.devices]
+        first = static_plan(positions, len(positions), 0)
+        assert first is not None
+        self.plan: Plan = first
+        self.engine.apply_plan(self.plan)
+
+    # -- measurements -------------------------------------------------------------------
+    def observe(self, outcome: StepOutcome) -> None:
+        if outcome.samples > 0:
+            self._batch = outcome.samples
+        if self._oom_pending:
+            self.oom_recovered += self._oom_pending
+            self._oom_pending = 0
+        m = max(1, outcome.micro_batches)
+        if self._predicted is not None and outcome.samples == self._predicted_batch:
+            self.mape.add(self._predicted, outcome.wall_s)
+        slowest = 0.0
+        used = 0
+        for pos, t in outcome.device_time_s.items():
+            b = outcome.device_batch.get(pos, 0) / m
+            if b <= 0 or t <= 0 or not 0 <= pos < len(self.devices):
+                continue
+            self.devices[pos].time_model.update(b, t / m)
+            slowest = max(slowest, t / m)
+            used += 1
+        if used and outcome.wall_s > 0:
+            over = max(0.0, outcome.wall_s / m - slowest)
+            prev = self._overhead_obs.get(used)
+            self._overhead_obs[used] = over if prev is None else 0.8 * prev + 0.2 * over
+        for pos, mb in outcome.peak_mem_mb.items():
+            b = outcome.device_batch.get(pos, 0) / m
+            if b > 0:
+                self.memory.update(b, mb, pos == self.primary)
+
+    # -- ticks ----------------------------------------------------------------------------
+    def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
+        self._now = now
+        self._read_snapshot(now, snapshot)
+        for d in self.devices:
+            if d.position in self.plan.devices and d.time_model.ready:
+                a, b = d.time_model.alpha, d.time_model.beta
+                d.history.append((now, a, b))
+                if d.best is None or b < d.best[1]:
+                    d.best = (a, b)
+        if self._batch <= 0:
+            return []
+        return self._replan(now, step, forced=False)
+
+    def _read_snapshot(self, now: float, snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            return
+        by_key = {g.index: g for g in snapshot.gpus if g.index is not None}
+        for d in self.devices:
+            g: GpuSample | None = by_key.get(d.key) if d.key is not None else None
+            if g is None:
+                if d.key is not None and snapshot.gpus:
+                    d.missing = True
+                continue
+            d.missing = False
+            d.total_mb = g.mem_total_mb
+            d.ext_mem.update(now, g.external_mem_mb)
+            if d.position not in self.plan.devices:  # our run is not on it: util is external
+                u = min(1.0, max(0.0, g.util_pct / 100.0))
+                d.util.update(now, u)
+                d.util_seen.append((now, u))
+            avail = self._available_mb(d)
+            if (
+                d.oom_cap is not None
+                and avail is not None
+                and d.oom_avail_mb is not None
+                and avail > d.oom_avail_mb + max(512.0, 0.05 * (d.total_mb or 0.0))
+            ):
+                d.oom_cap = None  # memory was released since the OOM: lift the cap
+                d.oom_avail_mb = None
+
+    # -- models for the planner -----------------------------------------------------------
+    def _available_mb(self, d: _Device) -> float | None:
+        """Memory this run may use on the device: total minus the external forecast."""
+        if d.total_mb is None or d.ext_mem.level is None:
+            return None
+        ext = max(d.ext_mem.last or 0.0, d.ext_mem.forecast(2 * self.control_interval) or 0.0)
+        return max(0.0, d.total_mb - ext)
+
+    def _cap(self, d: _Device) -> int | None:
+        cap = d.oom_cap
+        avail = self._available_mb(d)
+        if avail is not None and self.memory.ready:
+            fit = self.memory.max_samples(avail * (1.0 - self.headroom), d.position == self.primary)
+            cap = fit if cap is None else min(cap, fit)
+        return cap
+
+    def _volatile(self, d: _Device, now: float) -> bool:
+        recent = [h for h in d.history if h[0] >= now - self.volatility_window]
+        jumps = sum(1 for x, y in itertools.pairwise(recent) if abs(math.log(y[2] / x[2])) > 0.22)
+        return jumps >= 2
+
+    def _external_util(self, d: _Device, now: float) -> float | None:
+        """External load on a device: measured slowdown when in use, NVML when not."""
+        if d.position in self.plan.devices:
+            if d.best is None or not d.time_model.ready:
+                return None
+            return max(0.0, 1.0 - d.best[1] / d.time_model.beta)
+        return d.util.forecast(self.control_interval)
+
+    def _model(self, d: _Device, now: float) -> DeviceModel | None:
+        cap = self._cap(d)
+        tm = d.time_model
+        if d.position in self.plan.devices or d.best is None:
+            if not tm.ready:
+                ready = [x.time_model for x in self.devices if x.time_model.ready]
+                if not ready:
+                    return None
+                a = sum(t.alpha for t in ready) / len(ready)
+                b = sum(t.beta for t in ready) / len(ready)
+                return DeviceModel(d.position, a, b, cap)
+            a, b = tm.alpha, tm.beta
+            if self._volatile(d, now):  # load switching on and off: plan for the slow state
+                recent = [h for h in d.history if h[0] >= now - self.volatility_window]
+                _, a, b = max(recent, key=lambda h: h[2])
+            return DeviceModel(d.position, a, b, cap)
+        # Left out: what it would do now, from its unloaded speed and the load forecast.
+        a, b = d.best
+        u = d.util.forecast(self.control_interval)
+        if u is None:
+            if now < d.reprobe_at:
+                a, b = tm.alpha, tm.beta
+            u = 0.0
+        else:
+            seen = [v for t, v in d.util_seen if t >= now - self.volatility_window]
+            if len(seen) >= 3 and max(seen) - min(seen) > 0.3:
+                u = max(u, *seen)
+        slow = 1.0 / max(1e-3, 1.0 - min(u, 0.999))
+        return DeviceModel(d.position, a * slow, b * slow, cap)
+
+    def _overhead(self) -> Overhead:
+        obs = self._overhead_obs
+        if not obs:
+            return Overhead()
+        if len(obs) >= 2:
+            ks = sorted(obs)
+            k0, k1 = ks[0], ks[-1]
+            slope = max(0.0, (obs[k1] - obs[k0]) / (k1 - k0))
+            return Overhead(base=obs[k0] - slope * (k0 - 1), per_device=slope)
+        ((k, o),) = obs.items()
+        per = o / k  # one device count seen: assume overhead grows in proportion to k
+        return Overhead(base=per, per_device=per)
+
+    # -- planning -------------------------------------------------------------------------
+    def _candidates(self) -> list[_Device]:
+        return [d for d in self.devices if d.enabled and not d.failed]
+
+    def _replan(self, now: float, step: int, *, forced: bool, cause: str = "") -> list[Event]:
+        self._predicted_batch = self._batch
+        cands = self._candidates()
+        if not any(d.position == self.primary for d in cands):
+            return []
+        batch = self._batch
+        n = len(self.devices)
+        overhead = self._overhead()
+        models = {d.position: self._model(d, now) for d in cands}
+        usable = [m for m in models.values() if m is not None]
+        if self.policy == "static" or len(usable) < len(cands):
+            positions = [self.primary] + [d.position for d in cands if d.position != self.primary]
+            caps: list[int | None] = [None] * n
+            for d in cands:
+                caps[d.position] = d.oom_cap
+            new = static_plan(positions, n, batch, caps)
+            if new is None:
+                return []
+            if len(usable) == len(cands):
+                new = _with_prediction(new, evaluate(new, usable, overhead))
+            self._predicted = new.predicted_step_s
+            if _same_layout(new, self.plan):
+                self.plan = new
+                return []
+            return self._apply(new, now, step, cause or "equal split")
+        ordered = sorted(usable, key=lambda m: (m.position != self.primary, m.position))
+        in_use = [i for i, m in enumerate(ordered) if m.position in self.plan.devices]
+        set_ok = forced or now - self._last_set_change >= self.set_change_interval
+        if self.policy == "weights":
+            subsets: list[list[int]] | None = [list(range(len(ordered)))]
+        elif set_ok:
+            subsets = None
+        else:
+            subsets = [in_use] if in_use and in_use[0] == 0 else None
+        new_plan = best_plan(ordered, n, batch, overhead, primary=self.primary, subsets=subsets)
+        if new_plan is None and subsets is not None and self.policy != "weights":
+            new_plan = best_plan(ordered, n, batch, overhead, primary=self.primary)
+        current = evaluate(self.plan, ordered, overhead, batch)
+        if new_plan is None:
+            self._predicted = None if math.isinf(current) else current
+            return (
+                [
+                    Event(
+                        now,
+                        EventKind.NOTICE,
+                        f"batch {batch} does not fit the devices' memory "
+                        "even with micro-batches; keeping the current plan",
+                        step,
+                    )
+                ]
+                if forced
+                else []
+            )
+        new_t = new_plan.predicted_step_s or math.inf
+        gain = 1.0 - new_t / current if current > 0 and not math.isinf(current) else 1.0
+        if forced or math.isinf(current) or gain >= self.min_gain:
+            if _same_layout(new_plan, self.plan) and not forced:
+                self._predicted = current
+                return []
+            return self._apply(new_plan, now, step, cause, old_t=current)
+        self._predicted = current
+        if gain > 0.01 and now - self._last_hold >= self.set_change_interval:
+            self._last_hold = now
+            return [
+                Event(
+                    now,
+                    EventKind.HOLD,
+                    f"best plan only {100 * gain:.1f}% faster (< {100 * self.min_gain:.0f}%): "
+                    "keeping the current split",
+                    step,
+                )
+            ]
+        return []
+
+    def _apply(
+        self, new: Plan, now: float, step: int, cause: str, old_t: float | None = None
+    ) -> list[Event]:
+        old = self.plan
+        events: list[Event] = []
+        old_set, new_set = set(old.devices), set(new.devices)
+        for pos in sorted(old_set - new_set):
+            d = self.devices[pos]
+            if d.failed or not d.enabled:
+                continue
+            u = self._external_util(d, now)
+            reason = f"external job at {u:.0%}" if u is not None and u >= 0.1 else "too slow"
+            if d.oom_cap is not None or (self._cap(d) or 1) < 1:
+                reason = "not enough free memory"
+            d.dropped_reason = reason
+            d.util = Holt(0.5, 0.3, 0.0, 1.0, jump=0.3)
+            d.util_seen.clear()
+            d.reprobe_at = now + d.reprobe_backoff
+            d.reprobe_backoff = min(d.reprobe_backoff * 2, 3600.0)
+            events.append(
+                Event(
+                    now, EventKind.DEVICES, f"{d.name} left out: {reason}{_gain(old_t, new)}", step
+                )
+            )
+        for pos in sorted(new_set - old_set):
+            d = self.devices[pos]
+            u = d.util.forecast(self.control_interval)
+            load = f"forecast external load {u:.0%}" if u is not None else "re-probing"
+            was = f" (was {d.dropped_reason})" if d.dropped_reason else ""
+            kind = EventKind.DEVICE_READMITTED if d.dropped_reason else EventKind.DEVICES
+            events.append(
+                Event(now, kind, f"{d.name} back in: {load}{was}{_gain(old_t, new)}", step)
+            )
+            d.dropped_reason = None
+        if old_set != new_set:
+            self._last_set_change = now
+        if new.micro_batches != old.micro_batches and new.batch:
+            size = micro_batch_sizes(new.batch, new.micro_batches)[0]
+            if new.micro_batches > 1:
+                detail = (
+                    f"batch {new.batch} does not fit the devices' memory at once: "
+                    f"{new.micro_batches} micro-batches of ≤{size} (gradient unchanged)"
+                )
+            else:
+                detail = f"batch {new.batch} fits again: 1 micro-batch"
+            events.append(Event(now, EventKind.MICROBATCH, detail, step))
+        moved = [
+            (abs(new.shares[p] - old.shares[p]), p) for p in range(len(new.shares)) if p in new_set
+        ]
+        if moved and max(moved)[0] > 1e-3 and not events:
+            _, p = max(moved)
+            d = self.devices[p]
+            why = cause or self._why(d, now, new)
+            events.append(
+                Event(
+                    now,
+                    EventKind.REALLOCATE,
+                    f"{d.name}: {why} → share {old.shares[p]:.2f} → {new.shares[p]:.2f}"
+                    f"{_gain(old_t, new)}",
+                    step,
+                )
+            )
+        self.plan = new
+        self._predicted = new.predicted_step_s
+        self.replans += 1
+        self.engine.apply_plan(new)
+        return events
+
+    def _why(self, d: _Device, now: float, new: Plan) -> str:
+        cap = self._cap(d)
+        if cap is not None and new.batch:
+            size = micro_batch_sizes(new.batch, new.micro_batches)[0]
+            if abs(new.shares[d.position] * size - cap) < 1.0:
+                avail = self._available_mb(d)
+                free = f" ({avail / 1024:.1f} GB free)" if avail is not None else ""
+                return f"memory cap {cap} samples{free}"
+        u = self._external_util(d, now)
+        if u is not None and u >= 0.1:
+            return f"external job at {u:.0%}"
+        tm = d.time_model
+        if tm.ready and tm.beta > 0:
+            return f"measured {1.0 / tm.beta:.0f} samples/s"
+        return "re-balanced"
+
+    # -- faults ---------------------------------------------------------------------------
+    def on_oom(self, error: OutOfMemory, now: float, step: int) -> list[Event]:
+        self._oom_pending += 1
+        if self._batch <= 0:
+            self._batch = self.plan.batch
+        if self.snapshots is not None:
+            with contextlib.suppress(Exception):  # a monitor hiccup must not crash an OOM retry
+                self._read_snapshot(now, self.snapshots.latest())
+        pos = error.device
+        batch = self._batch or self.plan.batch
+        if pos is None or not 0 <= pos < len(self.devices) or batch <= 0:
+            more = _add_micro_batch(self.plan, batch)
+            return [
+                *self._apply(more, now, step, "out of memory on an unknown device"),
+                Event(now, EventKind.OOM, "out of memory: one more micro-batch, retrying", step),
+            ]
+        d = self.devices[pos]
+        size = micro_batch_sizes(batch, self.plan.micro_batches)[0]
+        try:
+            b = self.plan.chunks(size)[pos]
+        except ValueError:
+            b = 0
+        cap = max(0, int(b * 0.9)) if b > 0 else 0
+        model_cap = self._cap(d)
+        if model_cap is not None:
+            cap = min(cap, model_cap) if b > 0 else model_cap
+        d.oom_cap = cap
+        d.oom_avail_mb = self._available_mb(d)
+        if cap < 1 and pos == self.primary:
+            raise error  # not even one sample fits where the model lives
+        events = [
+            Event(
+                now,
+                EventKind.OOM,
+                f"{d.name}: out of memory with {b} samples; cap {cap} samples, "
+                "retrying the same batch",
+                step,
+            )
+        ]
+        return events + self._replan(now, step, forced=True, cause=f"out of memory at {b}")
+
+    def on_device_failure(self, error: DeviceFailure, now: float, step: int) -> list[Event]:
+        pos = error.device
+        if not 0 <= pos < len(self.devices):
+            raise error
+        d = self.devices[pos]
+        self.failures += 1
+        if pos == self.primary:
+            raise error  # the model's parameters live there: nothing left to train on
+        d.failed = True
+        left = self._candidates()
+        if not left:
+            raise error
+        events = [
+            Event(
+                now,
+                EventKind.DEVICE_DROPPED,
+                f"{d.name} failed ({error}); continuing on {len(left)} device"
+                f"{'s' if len(left) != 1 else ''}",
+                step,
+            )
+        ]
+        return events + self._replan(now, step, forced=True, cause=f"{d.name} failed")
+
+    # -- requests -------------------------------------------------------------------------
+    def set_policy(self, policy: str, now: float, step: int) -> list[Event]:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}")
+        self.policy = policy
+        return self._replan(now, step, forced=True, cause=f"policy {policy}") if self._batch else []
+
+    def set_headroom(self, headroom: float, now: float, step: int) -> list[Event]:
+        self.headroom = float(headroom)
+        return (
+            self._replan(now, step, forced=True, cause=f"headroom {headroom:.2f}")
+            if self._batch
+            else []
+        )
+
+    def set_device_enabled(
+        self, position: int, enabled: bool, now: float, step: int
+    ) -> list[Event]:
+        if not 0 <= position < len(self.devices):
+            return [Event(now, EventKind.NOTICE, f"no device at position {position}", step)]
+        d = self.devices[position]
+        if position == self.primary and not enabled:
+            return [
+                Event(
+                    now,
+                    EventKind.NOTICE,
+                    f"{d.name} holds the model (primary device) and cannot be excluded",
+                    step,
+                )
+            ]
+        d.enabled = enabled
+        if enabled:
+            d.dropped_reason = None
+        if not self._batch:
+            if not enabled:
+                positions = [x.position for x in self._candidates()]
+                new = static_plan(positions, len(self.devices), 0)
+                if new is not None:
+                    self.plan = new
+                    self.engine.apply_plan(new)
+            return []
+        return self._replan(now, step, forced=True, cause="requested")
+
+    # -- read-outs ------------------------------------------------------------------------
+    def shares(self) -> dict[str, float]:
+        return {d.name: float(self.plan.shares[d.position]) for d in self.devices if not d.failed}
+
+    def predicted_step_s(self) -> float | None:
+        return self._predicted
+
+    def summary(self) -> dict[str, object]:
+        mape = self.mape.value_pct()
+        return {
+            "prediction_mape_pct": None if mape is None else round(mape, 2),
+            "prediction_steps": self.mape.count,
+            "replans": self.replans,
+            "micro_batches": self.plan.micro_batches,
+            "devices_failed": [d.name for d in self.devices if d.failed],
+            "devices_left_out": [
+                d.name for d in self.devices if d.position not in self.plan.devices and not d.failed
+            ],
+        }
+
+
+def _with_prediction(plan: Plan, t: float) -> Plan:
+    return Plan(
+        devices=plan.devices,
+        shares=plan.shares,
+        micro_batches=plan.micro_batches,
+        batch=plan.batch,
+        predicted_step_s=None if math.isinf(t) else t,
+        caps=plan.caps,
+    )
+
+
+def _same_layout(a: Plan, b: Plan) -> bool:
+    if a.devices != b.devices or a.micro_batches != b.micro_batches or a.batch != b.batch:
+        return False
+    try:
+        return a.chunks() == b.chunks()
+    except ValueError:
+        return False
+
+
+def _add_micro_batch(plan: Plan, batch: int) -> Plan:
+    return Plan(
+        devices=plan.devices,
+        shares=plan.shares,
+        micro_batches=min(max(batch, 1), plan.micro_batches + 1),
+        batch=batch,
+        predicted_step_s=None,
+        caps=plan.caps,
+    )
+
+
+def _gain(old_t: float | None, new: Plan) -> str:
+    if old_t is None or math.isinf(old_t) or not new.predicted_step_s:
+        return ""
+    return f" (predicted step {old_t:.3f} s → {new.predicted_step_s:.3f} s)"
+
+
+def build_gpu_run(
+    device_ids: Sequence[int],
+    *,
+    policy: str,
+    headroom: float,
+    control_interval: float,
+    snapshots: object,
+) -> tuple[Engine, Controller]:
+    """Weighted DataParallel engine over CUDA ``device_ids`` (the first is the primary) and
+    its allocation controller. ``snapshots`` has ``latest() -> Snapshot | None``."""
+    from ..engine.dataparallel import DataParallelEngine
+
+    engine = DataParallelEngine(list(device_ids))
+    source = snapshots if hasattr(snapshots, "latest") else None
+    controller = AllocationController(
+        engine,
+        policy=policy,
+        headroom=headroom,
+        control_interval=control_interval,
+        snapshots=source,
+    )
+    return engine, controller

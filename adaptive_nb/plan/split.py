@@ -1,0 +1,107 @@
+"""Shares → chunk sizes: how many samples of a batch each device gets.
+
+Pure functions, no torch: the weighted DataParallel scatter and the simulator both use them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["chunk_sizes", "equal_split", "micro_batch_sizes", "nonzero_chunks"]
+
+
+def chunk_sizes(
+    shares: Sequence[float],
+    total: int,
+    caps: Sequence[int | None] | None = None,
+    *,
+    required: int | None = None,
+) -> list[int]:
+    """Split ``total`` samples in proportion to ``shares`` (one per device position).
+
+    The result has one entry per position, sums to ``total``, is 0 wherever the share is 0,
+    never exceeds ``caps[i]`` (None: no cap) and rounds by largest remainder. ``required``
+    names a position that must get at least one sample (the DataParallel primary).
+    Raises ``ValueError`` when the caps of the devices with a share cannot hold ``total``.
+    """
+    n = len(shares)
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    if any(s < 0 or math.isnan(s) for s in shares):
+        raise ValueError(f"shares must be non-negative, got {list(shares)}")
+    cap = [_cap(caps, i) for i in range(n)]
+    active = [i for i in range(n) if shares[i] > 0 and cap[i] > 0]
+    if required is not None and required not in active:
+        if not 0 <= required < n or cap[required] <= 0:
+            raise ValueError(f"position {required} must get samples but has no capacity")
+        active.append(required)
+    out = [0] * n
+    if total == 0:
+        return out
+    if not active:
+        raise ValueError("no device has a positive share")
+    if sum(min(cap[i], total) for i in active) < total:
+        raise ValueError(f"caps {[cap[i] for i in active]} cannot hold {total} samples")
+    weight = {i: max(shares[i], 1e-12) for i in active}
+    # Water-fill: devices whose proportional amount exceeds their cap are fixed at the cap.
+    ideal: dict[int, float] = {}
+    free = list(active)
+    left = float(total)
+    while free:
+        wsum = sum(weight[i] for i in free)
+        over = [i for i in free if left * weight[i] / wsum > cap[i]]
+        if not over:
+            for i in free:
+                ideal[i] = left * weight[i] / wsum
+            break
+        for i in over:
+            ideal[i] = float(cap[i])
+            left -= cap[i]
+            free.remove(i)
+    for i in active:
+        out[i] = min(math.floor(ideal[i] + 1e-9), cap[i])
+    rest = total - sum(out)
+    order = sorted(active, key=lambda i: (-(ideal[i] - out[i]), i))
+    while rest > 0:
+        progressed = False
+        for i in order:
+            if rest == 0:
+                break
+            if out[i] < cap[i]:
+                out[i] += 1
+                rest -= 1
+                progressed = True
+        if not progressed:  # pragma: no cover - excluded by the capacity check above
+            raise ValueError("caps cannot hold the batch")
+    if required is not None and out[required] == 0:
+        donor = max(active, key=lambda i: out[i])
+        out[donor] -= 1
+        out[required] = 1
+    return out
+
+
+def equal_split(total: int, count: int) -> list[int]:
+    """The split plain DataParallel users get: equal, the remainder to the first devices."""
+    if count <= 0:
+        raise ValueError("count must be positive")
+    base, rem = divmod(total, count)
+    return [base + (1 if i < rem else 0) for i in range(count)]
+
+
+def micro_batch_sizes(total: int, micro_batches: int) -> list[int]:
+    """Sizes of ``micro_batches`` near-equal micro-batches of ``total`` samples (no zeros)."""
+    m = max(1, min(int(micro_batches), max(total, 1)))
+    return [s for s in equal_split(total, m) if s > 0] or [0]
+
+
+def nonzero_chunks(sizes: Sequence[int], order: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Positions (in ``order``) with a non-zero chunk, and their chunk sizes."""
+    positions = [p for p in order if sizes[p] > 0]
+    return positions, [int(sizes[p]) for p in positions]
+
+
+def _cap(caps: Sequence[int | None] | None, i: int) -> int:
+    if caps is None or i >= len(caps) or caps[i] is None:
+        return 1 << 62
+    return max(0, int(caps[i]))  # type: ignore[arg-type]

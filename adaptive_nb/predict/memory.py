@@ -1,0 +1,59 @@
+"""Per-run device memory model ``m(b) = m0 + m1·b (+ extra on the primary)``."""
+
+from __future__ import annotations
+
+from .rls import RegularizedRLS
+
+__all__ = ["MemoryModel"]
+
+
+class MemoryModel:
+    """Peak memory (MB) a device needs for a chunk of ``b`` samples, pooled over devices
+    (replicas hold the same model), with a separate term for the DataParallel primary.
+
+    Until different chunk sizes have been seen, the prior assumes memory grows in
+    proportion to the batch (over-estimates growth, which is the safe side)."""
+
+    def __init__(self, forgetting: float = 0.995, noise: float = 0.02) -> None:
+        self.forgetting = forgetting
+        self._prior = [noise**2 / 0.5**2, noise**2 / 1.0**2, noise**2 / 0.5**2]
+        self._rls: RegularizedRLS | None = None
+        self._m_ref = 1.0
+        self._b_ref = 1.0
+
+    @property
+    def ready(self) -> bool:
+        return self._rls is not None
+
+    def update(self, b: float, mem_mb: float, primary: bool) -> None:
+        if b <= 0 or mem_mb <= 0:
+            return
+        if self._rls is None:
+            self._m_ref, self._b_ref = mem_mb, b
+            self._rls = RegularizedRLS([0.1, 0.9, 0.0], self._prior, self.forgetting)
+            if primary:  # the first sample is the primary's: keep its extra unknown
+                return
+            return
+        self._rls.update([1.0, b / self._b_ref, 1.0 if primary else 0.0], mem_mb / self._m_ref)
+
+    def predict(self, b: float, primary: bool) -> float:
+        if self._rls is None:
+            return 0.0
+        th = self._rls.theta
+        m0 = th[0] + (th[2] if primary else 0.0)
+        return max(0.0, m0 * self._m_ref) + max(th[1], 1e-6) * self._m_ref * b / self._b_ref
+
+    def per_sample_mb(self) -> float:
+        if self._rls is None:
+            return 0.0
+        return max(self._rls.theta[1], 1e-6) * self._m_ref / self._b_ref
+
+    def max_samples(self, available_mb: float, primary: bool) -> int:
+        """Largest chunk that fits in ``available_mb`` (0 if even the fixed part does not)."""
+        if self._rls is None:
+            return 1 << 30
+        fixed = self.predict(0.0, primary)
+        per = self.per_sample_mb()
+        if available_mb <= fixed:
+            return 0
+        return int((available_mb - fixed) / per)

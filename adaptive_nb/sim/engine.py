@@ -1,0 +1,121 @@
+"""The simulated-fleet engine: timing, memory and faults come from the scenario on a
+virtual clock; the model's forward and backward run for real on the CPU (or not at all in
+the model-free benchmark path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.base import Engine, StepFn, StepOutcome, batch_size_of
+from ..engine.microbatch import run_micro_batches
+from ..plan.planner import Plan
+from ..plan.split import equal_split
+from .clock import VirtualClock
+from .fleet import Fleet, FleetStep
+from .scenario import Scenario
+
+__all__ = ["SimulatedEngine"]
+
+_ZERO = torch.zeros(())
+
+
+class SimulatedEngine(Engine):
+    """An :class:`Engine` over a simulated fleet (device names say "sim").
+
+    With ``compute=True`` the step runs on the CPU for real (micro-batches included, with
+    the same gradient as the full batch); a simulated fault is raised after the real
+    forward/backward of the micro-batch it hits, leaving partial gradients behind exactly
+    as an out-of-memory in a real backward pass would (the loop zeroes them and retries).
+    :meth:`simulate_step` is the model-free path used by the benchmark.
+    """
+
+    simulated = True
+
+    def __init__(
+        self, scenario: Scenario, *, compute: bool = True, clock: VirtualClock | None = None
+    ) -> None:
+        self.scenario = scenario
+        self.fleet = Fleet(scenario, clock)
+        self.compute = compute
+        self._names = [f"sim GPU {i} ({d.name})" for i, d in enumerate(scenario.devices)]
+        n = len(scenario.devices)
+        self.plan = Plan(
+            devices=tuple(range(n)),
+            shares=tuple(1.0 / n for _ in range(n)),
+            micro_batches=1,
+            batch=0,
+        )
+        self._model: nn.Module | None = None
+        self.steps = 0
+
+    # -- Engine ---------------------------------------------------------------------------
+    def device_names(self) -> list[str]:
+        return list(self._names)
+
+    def monitor_keys(self) -> list[int | None]:
+        return list(range(len(self._names)))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self._model = model
+        return model
+
+    def clock(self) -> float:
+        return self.fleet.clock.now()
+
+    def apply_plan(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def layout(self, total: int) -> list[list[int]]:
+        return self.plan.layout(total)
+
+    def forward_backward(self, step: StepFn, batch: Any) -> StepOutcome:
+        if not self.compute:
+            return self.simulate_step(batch_size_of(batch))
+        if self._model is None:
+            raise RuntimeError("SimulatedEngine.prepare() must be called before forward_backward()")
+        total = batch_size_of(batch)
+        layout = self.layout(total)
+        sim = self.fleet.run(layout, self.plan.primary, self._names)
+
+        def before_each(index: int, size: int) -> None:
+            if sim.fault is not None and index > sim.fault_micro:
+                raise _Abort
+
+        try:
+            loss, _ = run_micro_batches(step, self._model, batch, len(layout), before_each)
+        except _Abort:
+            loss = _ZERO
+        return self._finish(sim, total, loss)
+
+    def simulate_step(self, total: int) -> StepOutcome:
+        """One step with no model compute (benchmark path)."""
+        layout = self.layout(total)
+        sim = self.fleet.run(layout, self.plan.primary, self._names)
+        return self._finish(sim, total, _ZERO)
+
+    def _finish(self, sim: FleetStep, total: int, loss: torch.Tensor) -> StepOutcome:
+        self.fleet.clock.advance(sim.wall_s)
+        if sim.fault is not None:
+            raise sim.fault
+        self.steps += 1
+        return StepOutcome(
+            loss=loss,
+            samples=total,
+            wall_s=sim.wall_s,
+            device_time_s=sim.device_time_s,
+            device_batch=sim.device_batch,
+            peak_mem_mb=sim.peak_mem_mb,
+            micro_batches=sim.micro_batches,
+        )
+
+
+class _Abort(Exception):
+    """Stops the real compute after the micro-batch a simulated fault hit."""
+
+
+def static_layout(n: int, total: int) -> list[list[int]]:
+    """Plain DataParallel's split (equal, remainder to the first devices), one micro-batch."""
+    return [equal_split(total, n)]
