@@ -174,6 +174,8 @@ def _sparkline(values: list[float], width: int = 320, height: int = 48) -> str:
     return (
         f'<svg width="{width}" height="{height}" role="img" aria-label="throughput over time">'
         f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{coords}"/></svg>'
+        f"<div style='font-size:11px;color:#666'>{len(pts)} control ticks · min "
+        f"{_fmt_num(lo)} · max {_fmt_num(hi)} samples/s</div>"
     )
 
 
