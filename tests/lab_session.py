@@ -298,8 +298,18 @@ def wait_kernel_idle(page: Any, *, timeout_ms: int = 90_000) -> None:
     )
 
 
-def run_command(page: Any, command: str, args: Mapping[str, Any] | None = None) -> None:
-    """Run a JupyterLab command (e.g. ``"notebook:run-all-cells"``) in the page."""
+def run_command(
+    page: Any, command: str, args: Mapping[str, Any] | None = None, *, wait: bool = False
+) -> Any:
+    """Run a JupyterLab command (e.g. ``"notebook:run-all-cells"``) in the page.
+
+    By default returns at once (running cells resolve only when they finish); with
+    ``wait=True`` waits for the command's promise and returns its JSON-able result."""
+    if wait:
+        return page.evaluate(
+            "([c, a]) => window.jupyterapp.commands.execute(c, a)", [command, dict(args or {})]
+        )
     page.evaluate(
-        "([c, a]) => window.jupyterapp.commands.execute(c, a)", [command, dict(args or {})]
+        "([c, a]) => { window.jupyterapp.commands.execute(c, a); }", [command, dict(args or {})]
     )
+    return None
