@@ -135,7 +135,11 @@ class AllocationController(Controller):
             self.oom_recovered += self._oom_pending
             self._oom_pending = 0
         m = max(1, outcome.micro_batches)
-        if self._predicted is not None and outcome.samples == self._predicted_batch:
+        if (
+            self._predicted is not None
+            and outcome.device_time_s
+            and outcome.samples == self._predicted_batch
+        ):
             self.mape.add(self._predicted, outcome.wall_s)
         slowest = 0.0
         used = 0
@@ -159,11 +163,12 @@ class AllocationController(Controller):
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
         self._now = now
         self._read_snapshot(now, snapshot)
+        ref = self._ref_batch()
         for d in self.devices:
             if d.position in self.plan.devices and d.time_model.ready:
                 a, b = d.time_model.alpha, d.time_model.beta
                 d.history.append((now, a, b))
-                if d.best is None or b < d.best[1]:
+                if d.best is None or a + b * ref < d.best[0] + d.best[1] * ref:
                     d.best = (a, b)
         if self._batch <= 0:
             return []
@@ -212,17 +217,28 @@ class AllocationController(Controller):
             cap = fit if cap is None else min(cap, fit)
         return cap
 
+    def _ref_batch(self) -> float:
+        """A chunk size at which device speeds are compared (an equal share)."""
+        return max(1.0, (self._batch or self.plan.batch or 1) / max(1, len(self.devices)))
+
     def _volatile(self, d: _Device, now: float) -> bool:
-        recent = [h for h in d.history if h[0] >= now - self.volatility_window]
-        jumps = sum(1 for x, y in itertools.pairwise(recent) if abs(math.log(y[2] / x[2])) > 0.22)
-        return jumps >= 2
+        """Load that switches on and off: in the window, the speed (at the reference chunk)
+        jumped up and down and up again (one job arriving and leaving is not volatile)."""
+        ref = self._ref_batch()
+        times = [a + b * ref for t, a, b in d.history if t >= now - self.volatility_window]
+        signs = [
+            1 if y > x else -1 for x, y in itertools.pairwise(times) if abs(math.log(y / x)) > 0.22
+        ]
+        reversals = sum(1 for x, y in itertools.pairwise(signs) if x != y)
+        return reversals >= 2
 
     def _external_util(self, d: _Device, now: float) -> float | None:
         """External load on a device: measured slowdown when in use, NVML when not."""
         if d.position in self.plan.devices:
             if d.best is None or not d.time_model.ready:
                 return None
-            return max(0.0, 1.0 - d.best[1] / d.time_model.beta)
+            ref = self._ref_batch()
+            return max(0.0, 1.0 - (d.best[0] + d.best[1] * ref) / d.time_model.predict(ref))
         return d.util.forecast(self.control_interval)
 
     def _model(self, d: _Device, now: float) -> DeviceModel | None:
@@ -238,8 +254,9 @@ class AllocationController(Controller):
                 return DeviceModel(d.position, a, b, cap)
             a, b = tm.alpha, tm.beta
             if self._volatile(d, now):  # load switching on and off: plan for the slow state
+                ref = self._ref_batch()
                 recent = [h for h in d.history if h[0] >= now - self.volatility_window]
-                _, a, b = max(recent, key=lambda h: h[2])
+                _, a, b = max(recent, key=lambda h: h[1] + h[2] * ref)
             return DeviceModel(d.position, a, b, cap)
         # Left out: what it would do now, from its unloaded speed and the load forecast.
         a, b = d.best

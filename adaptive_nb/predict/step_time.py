@@ -58,13 +58,32 @@ class StepTimeModel:
         if abs(rel) > self.change_threshold:
             self._run = self._run + 1 if sign == self._run_sign else 1
             self._run_sign = sign
-            if self._run >= self.change_run:
+            if self._run >= self.change_run:  # a new regime: restart from the prior shape
+                y, x = t / self._t_ref, b / self._b_ref
+                self._rls.theta = [0.05 * y, 0.95 * y / x]
                 self._rls.reset_info()
                 self.changes += 1
                 self._run = 0
+                return
         else:
             self._run = 0
         self._rls.update([1.0, b / self._b_ref], t / self._t_ref)
+        self._project(b / self._b_ref)
+
+    def _project(self, x: float) -> None:
+        """Keep α ≥ 0 and β ≥ a floor, preserving the prediction at the latest batch."""
+        assert self._rls is not None
+        a, b = self._rls.theta
+        y = a + b * x
+        b_min = 0.02
+        if y <= 0:
+            return
+        if b < b_min:
+            b = b_min
+            a = y - b * x
+        if a < 0:
+            a, b = 0.0, y / x
+        self._rls.theta = [a, b]
 
     @property
     def alpha(self) -> float:
@@ -78,11 +97,7 @@ class StepTimeModel:
         """Seconds per sample (> 0)."""
         if self._rls is None:
             return 0.0
-        raw = self._rls.theta[1] * self._t_ref / self._b_ref
-        floor = 0.02 * self._t_ref / self._b_ref
-        if self._rls.theta[0] < 0:  # negative intercept folded into the slope
-            raw += self._rls.theta[0] * self._t_ref / self._b_ref
-        return max(raw, floor)
+        return max(self._rls.theta[1], 1e-6) * self._t_ref / self._b_ref
 
     def predict(self, b: float) -> float:
         if self._rls is None:
