@@ -26,6 +26,7 @@ class FakeEngine:
     def __init__(self, n: int) -> None:
         self.n = n
         self.plans: list[Plan] = []
+        self.last_batch = BATCH
 
     def device_names(self) -> list[str]:
         return [f"GPU {i} (test)" for i in range(self.n)]

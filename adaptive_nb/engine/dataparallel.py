@@ -211,6 +211,7 @@ class DataParallelEngine(Engine):
         self._forward_events: list[tuple[int, Any, Any]] = []
         self._open: dict[int, Any] = {}
         self._steps = 0
+        self.last_batch = 0
 
     # -- Engine ---------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -262,6 +263,7 @@ class DataParallelEngine(Engine):
             raise RuntimeError("DataParallelEngine.prepare() must be called first")
         wrapper = self.wrapper
         total = batch_size_of(batch)
+        self.last_batch = total
         layout = self.plan.layout(total)
         m = len(layout)
         wrapper.step_chunks = [0] * len(self.device_ids)

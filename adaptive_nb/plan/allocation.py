@@ -44,6 +44,11 @@ class AllocatableEngine(Protocol):
 
     def apply_plan(self, plan: Plan) -> None: ...
 
+    @property
+    def last_batch(self) -> int:
+        """Samples in the batch of the latest (possibly failed) step; 0 before any."""
+        ...
+
 
 @dataclass
 class _Device:
@@ -450,8 +455,8 @@ class AllocationController(Controller):
     # -- faults ---------------------------------------------------------------------------
     def on_oom(self, error: OutOfMemory, now: float, step: int) -> list[Event]:
         self._oom_pending += 1
-        if self._batch <= 0:
-            self._batch = self.plan.batch
+        if self._batch <= 0:  # out of memory on the very first step
+            self._batch = self.engine.last_batch or self.plan.batch
         if self.snapshots is not None:
             with contextlib.suppress(Exception):  # a monitor hiccup must not crash an OOM retry
                 self._read_snapshot(now, self.snapshots.latest())
@@ -489,6 +494,8 @@ class AllocationController(Controller):
         return events + self._replan(now, step, forced=True, cause=f"out of memory at {b}")
 
     def on_device_failure(self, error: DeviceFailure, now: float, step: int) -> list[Event]:
+        if self._batch <= 0:
+            self._batch = self.engine.last_batch or self.plan.batch
         pos = error.device
         if not 0 <= pos < len(self.devices):
             raise error

@@ -50,6 +50,7 @@ class SimulatedEngine(Engine):
         )
         self._model: nn.Module | None = None
         self.steps = 0
+        self.last_batch = 0
 
     # -- Engine ---------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -77,6 +78,7 @@ class SimulatedEngine(Engine):
         if self._model is None:
             raise RuntimeError("SimulatedEngine.prepare() must be called before forward_backward()")
         total = batch_size_of(batch)
+        self.last_batch = total
         layout = self.layout(total)
         sim = self.fleet.run(layout, self.plan.primary, self._names)
 
@@ -92,6 +94,7 @@ class SimulatedEngine(Engine):
 
     def simulate_step(self, total: int) -> StepOutcome:
         """One step with no model compute (benchmark path)."""
+        self.last_batch = total
         layout = self.layout(total)
         sim = self.fleet.run(layout, self.plan.primary, self._names)
         return self._finish(sim, total, _ZERO)
