@@ -48,7 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--control-interval", type=float, default=2.0)
     ap.add_argument("--headroom", type=float, default=0.1)
     args = ap.parse_args(argv)
-    logging.getLogger("adaptive_nb").setLevel(logging.ERROR)  # a simulated GPU loss is expected
+    logger = logging.getLogger("adaptive_nb")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # a simulated GPU loss is expected, not news
+    try:
+        return _run(args)
+    finally:
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         scenarios = [load_scenario(p) for p in args.scenarios]
     except UsageError as exc:
