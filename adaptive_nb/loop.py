@@ -516,6 +516,14 @@ class Run:
                 self._own_s += clock() - own0
             if self.ended == "running":
                 self.ended = "completed"
+        except DeviceFailure as exc:
+            # the controller could not re-plan without the failed device(s): stop cleanly
+            self.ended = "stopped: no usable device"
+            self._event(
+                EventKind.DEVICE_DROPPED,
+                f"{exc}; no device left to continue on: stopped after step {self.step}",
+            )
+            return self._finish()
         except KeyboardInterrupt:
             self.ended = "interrupted"
             self._in_optimizer_step = False

@@ -1,0 +1,64 @@
+"""The loop over a simulated fleet: real model compute on CPU, virtual device timing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import ce_step, make_data, make_model
+
+import adaptive_nb
+from adaptive_nb import EventKind
+
+
+def scenario(tmp_path: Path, events: list[dict[str, Any]]) -> str:
+    dev = {"name": "A100 40GB PCIe", "memory_gb": 40, "samples_per_s": 882, "alpha_ms": 8}
+    spec = {
+        "name": "loop_test",
+        "global_batch": 16,
+        "steps": 200,
+        "seed": 3,
+        "noise": 0.02,
+        "devices": [dev, dev, dev],
+        "job": {"mem_base_gb": 2.0, "mem_per_sample_gb": 0.09},
+        "comm": {"alpha_ms": 4.0, "per_device_ms": 6.0},
+        "primary_extra_ms": 8.0,
+        "primary_extra_gb": 1.0,
+        "events": events,
+    }
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_sim_run_is_labelled_simulated_and_trains(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = adaptive_nb.train(
+        ce_step,
+        model=model,
+        optimizer=opt,
+        data=make_data(),
+        steps=40,
+        devices=f"sim:{scenario(tmp_path, [])}",
+    )
+    assert report.info.simulated and report.summary["simulated"]
+    assert all("sim" in name for name in report.info.devices)
+    assert report.summary["steps"] == 40
+    assert "(simulated)" in repr(report)
+    assert report.timeline and abs(sum(report.timeline[-1].shares.values()) - 1.0) < 1e-6
+
+
+def test_primary_failure_stops_cleanly_with_the_partial_report(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = scenario(tmp_path, [{"at_s": 0.5, "device": 0, "fail": True}])
+    report = adaptive_nb.train(
+        ce_step, model=model, optimizer=opt, data=make_data(), steps=10_000, devices=f"sim:{path}"
+    )
+    assert report.summary["ended"] == "stopped: no usable device"
+    assert 0 < report.summary["steps"] < 10_000
+    assert any(e.kind == EventKind.DEVICE_DROPPED for e in report.events)
+    assert adaptive_nb.active_run() is None
