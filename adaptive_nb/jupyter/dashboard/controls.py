@@ -18,9 +18,33 @@ import ipywidgets as widgets
 
 from ...control import POLICIES, RunControl
 
-__all__ = ["RunControls"]
+__all__ = ["RunControls", "accept_on_frontend_subshell"]
 
 log = logging.getLogger("adaptive_nb.dashboard")
+
+
+def accept_on_frontend_subshell(widget: widgets.Widget) -> bool:
+    """Let the frontend's choice of kernel subshell stand for messages to ``widget``.
+
+    ipykernel 7 routes a comm's incoming messages to the subshell that last *sent* on it
+    (``BaseComm._reply_subshell_for``). A widget created or updated by the running
+    training cell has sent from the main shell, which is busy until the cell ends, so its
+    clicks would wait for the end of training. Our handlers only post to the thread-safe
+    :class:`RunControl`, so they may run on the subshell the frontend picked
+    (JupyterLab ≥ 4.4, ``commsOverSubshells``). Returns False where there is nothing to
+    change (no kernel, or a kernel without this routing)."""
+    comm = getattr(widget, "comm", None)
+    original = getattr(comm, "_reply_subshell_for", None)
+    if comm is None or original is None or getattr(original, "_adaptive_nb", False):
+        return False
+
+    def route(data: Any, default: Any) -> Any:
+        original(data, default)  # keeps ipykernel's bookkeeping of request ids
+        return default
+
+    route._adaptive_nb = True  # type: ignore[attr-defined]
+    comm._reply_subshell_for = route
+    return True
 
 
 class RunControls:
@@ -95,6 +119,8 @@ class RunControls:
         self.headroom.observe(self._on_headroom, names="value")
         for position, toggle in enumerate(self.device_toggles):
             toggle.observe(self._device_handler(position), names="value")
+        for widget in self.widgets():
+            accept_on_frontend_subshell(widget)
 
         rows: list[widgets.Widget] = [
             widgets.HBox(

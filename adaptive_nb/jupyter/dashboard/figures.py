@@ -7,6 +7,7 @@ mark; unchanged values are not sent at all.
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +16,14 @@ import bqplot as bq
 import ipywidgets as widgets
 import numpy as np
 
-__all__ = ["PALETTE", "DashboardFigures", "TraitSync", "device_colours"]
+__all__ = [
+    "PALETTE",
+    "DashboardFigures",
+    "TraitSync",
+    "device_colours",
+    "legend_html",
+    "nice_ticks",
+]
 
 PALETTE = (
     "#4c78a8",
@@ -29,7 +37,9 @@ PALETTE = (
 )
 MEM_COLOURS = ("#4c78a8", "#f58518", "#e5e7eb")  # this run, other processes, free
 MEM_LABELS = ("this run", "other processes", "free")
-FIG_MARGIN = {"top": 36, "bottom": 36, "left": 56, "right": 56}
+FIG_MARGIN = {"top": 38, "bottom": 40, "left": 52, "right": 52}
+PCT_TICKS = [0.0, 25.0, 50.0, 75.0, 100.0]
+SHARE_TICKS = [0.0, 0.25, 0.5, 0.75, 1.0]
 TITLE_STYLE = {"font-size": "14px", "font-weight": "600"}
 
 
@@ -83,22 +93,62 @@ def _as_array(values: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray
 
 
 def _time_axis(scale: bq.Scale) -> bq.Axis:
-    return bq.Axis(scale=scale, label="time (s)", grid_lines="dashed", num_ticks=6)
+    return bq.Axis(scale=scale, label="time (s)", grid_lines="dashed", label_offset="32px")
 
 
-def _figure(title: str, marks: list[bq.Mark], axes: list[bq.Axis], legend: bool) -> bq.Figure:
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values covering ``[lo, hi]`` (1, 2, 2.5 or 5 × 10^k apart)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo] if math.isfinite(lo) else []
+    raw = (hi - lo) / max(1, n)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1.0, 2.0, 2.5, 5.0, 10.0)), key=lambda c: abs(math.log(c / raw)))
+    start = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    v = start
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 12))
+        v += step
+    return ticks
+
+
+def _finite_range(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.min()), float(arr.max())
+
+
+def _figure(title: str, marks: list[bq.Mark], axes: list[bq.Axis]) -> bq.Figure:
     return bq.Figure(
         title=title,
         marks=marks,
         axes=axes,
         fig_margin=dict(FIG_MARGIN),
         title_style=dict(TITLE_STYLE),
-        legend_location="top-left",
-        legend_style={"stroke-width": 0, "fill": "white", "fill-opacity": 0.7},
+        padding_y=0.0,
         animation_duration=0,
-        layout=widgets.Layout(width="100%", height="250px", min_width="300px"),
+        layout=widgets.Layout(width="100%", height="240px", min_width="300px"),
         background_style={"fill": "white"},
     )
+
+
+def legend_html(items: Sequence[tuple[str, str]], *, line: bool = False) -> str:
+    """A one-line legend: ``[(label, colour), ...]`` as swatches (short lines for
+    ``line=True``)."""
+    height = "3px" if line else "10px"
+    parts = [
+        f"<span style='white-space:nowrap;margin-right:14px'><span style='display:inline-block;"
+        f"width:14px;height:{height};background:{c};vertical-align:middle;margin-right:5px;"
+        f"border:{'0' if line else '1px solid #d1d5db'}'></span>{html.escape(label)}</span>"
+        for label, c in items
+    ]
+    return f"<div style='font-size:12px;text-align:center;color:#374151'>{''.join(parts)}</div>"
+
+
+def _panel(figure: bq.Figure, legend: widgets.HTML) -> widgets.VBox:
+    return widgets.VBox([figure, legend], layout=widgets.Layout(min_width="300px"))
 
 
 class DashboardFigures:
@@ -116,16 +166,19 @@ class DashboardFigures:
             y=np.zeros((len(names), 0)),
             labels=names,
             colors=device_colours(len(names)),
-            display_legend=True,
             stroke_width=2,
             scales={"x": ux, "y": uy},
         )
+        self.util_time_axis = _time_axis(ux)
         self.util = _figure(
             "Utilisation per device (%)",
             [self.util_lines],
-            [_time_axis(ux), bq.Axis(scale=uy, side="left", num_ticks=5)],
-            legend=True,
+            [
+                self.util_time_axis,
+                bq.Axis(scale=uy, side="left", tick_values=PCT_TICKS, grid_lines="dashed"),
+            ],
         )
+        self.util_legend = widgets.HTML(self._device_legend(names))
 
         # memory: this run / other processes / free, stacked per device
         mx, my = bq.OrdinalScale(), bq.LinearScale(min=0.0)
@@ -135,22 +188,18 @@ class DashboardFigures:
             type="stacked",
             colors=list(MEM_COLOURS),
             labels=list(MEM_LABELS),
-            display_legend=True,
             padding=0.35,
             stroke="white",
             scales={"x": mx, "y": my},
             tooltip=bq.Tooltip(fields=["x", "y"], formats=["", ".2f"], labels=["", "GiB"]),
         )
+        self.mem_axis = bq.Axis(scale=my, side="left", grid_lines="dashed", tick_format="~g")
         self.memory = _figure(
-            "Memory per device (GiB)",
-            [self.mem_bars],
-            [
-                bq.Axis(scale=mx),
-                bq.Axis(scale=my, side="left", num_ticks=5, grid_lines="dashed"),
-            ],
-            legend=True,
+            "Memory per device (GiB)", [self.mem_bars], [bq.Axis(scale=mx), self.mem_axis]
         )
-        self.memory.legend_location = "top-right"
+        self.memory_legend = widgets.HTML(
+            legend_html(list(zip(MEM_LABELS, MEM_COLOURS, strict=True)))
+        )
 
         self.throughput: bq.Figure | None = None
         self.shares: bq.Figure | None = None
@@ -165,7 +214,6 @@ class DashboardFigures:
             y=np.zeros(0),
             colors=[PALETTE[0]],
             labels=["samples/s"],
-            display_legend=True,
             stroke_width=2,
             scales={"x": tx, "y": ty},
         )
@@ -174,38 +222,45 @@ class DashboardFigures:
             y=np.zeros(0),
             colors=[PALETTE[3]],
             labels=["loss"],
-            display_legend=True,
             stroke_width=1.5,
             scales={"x": tx, "y": ly},
+        )
+        self.tput_time_axis = _time_axis(tx)
+        self.tput_axis = bq.Axis(
+            scale=ty,
+            side="left",
+            label="samples/s",
+            tick_format="~s",
+            label_offset="40px",
+            grid_lines="dashed",
+            color=PALETTE[0],
+            label_color=PALETTE[0],
+        )
+        self.loss_axis = bq.Axis(
+            scale=ly,
+            side="right",
+            label="loss",
+            tick_format="~g",
+            label_offset="40px",
+            grid_lines="none",
+            color=PALETTE[3],
+            label_color=PALETTE[3],
         )
         self.throughput = _figure(
             "Throughput and loss",
             [self.tput_line, self.loss_line],
             [
-                _time_axis(tx),
-                bq.Axis(
-                    scale=ty,
-                    side="left",
-                    label="samples/s",
-                    num_ticks=5,
-                    color=PALETTE[0],
-                    label_color=PALETTE[0],
-                ),
-                bq.Axis(
-                    scale=ly,
-                    side="right",
-                    label="loss",
-                    num_ticks=5,
-                    color=PALETTE[3],
-                    label_color=PALETTE[3],
-                ),
+                self.tput_time_axis,
+                self.tput_axis,
+                self.loss_axis,
             ],
-            legend=True,
         )
-        self.throughput.legend_location = "top-right"
+        self.throughput_legend = widgets.HTML(
+            legend_html([("samples/s (left)", PALETTE[0]), ("loss (right)", PALETTE[3])], line=True)
+        )
 
         # current share of the global batch per device
-        sx, sy = bq.OrdinalScale(), bq.LinearScale(min=0.0, max=1.0)
+        sx, sy = bq.OrdinalScale(), bq.LinearScale(min=0.0, max=1.08)
         self.share_bars = bq.Bars(
             x=names,
             y=np.zeros(len(names)),
@@ -220,17 +275,37 @@ class DashboardFigures:
             [self.share_bars],
             [
                 bq.Axis(scale=sx),
-                bq.Axis(scale=sy, side="left", num_ticks=5, grid_lines="dashed"),
+                bq.Axis(scale=sy, side="left", tick_values=SHARE_TICKS, grid_lines="dashed"),
             ],
-            legend=False,
         )
+        self.shares_legend = widgets.HTML(self._device_legend(names))
 
     def all(self) -> list[bq.Figure]:
+        """The figures, in display order."""
         if self.throughput is not None and self.shares is not None:
             return [self.util, self.throughput, self.memory, self.shares]
         return [self.util, self.memory]
 
+    def panels(self) -> list[widgets.VBox]:
+        """Each figure with its legend below it, in display order."""
+        out = [_panel(self.util, self.util_legend)]
+        if self.throughput is not None:
+            out.append(_panel(self.throughput, self.throughput_legend))
+        out.append(_panel(self.memory, self.memory_legend))
+        if self.shares is not None:
+            out.append(_panel(self.shares, self.shares_legend))
+        return out
+
+    @staticmethod
+    def _device_legend(names: Sequence[str]) -> str:
+        return legend_html(list(zip(names, device_colours(len(names)), strict=True)), line=True)
+
     # -- updates ------------------------------------------------------------------------
+    def _ticks(self, axis: bq.Axis, lo: float, hi: float) -> None:
+        ticks = nice_ticks(lo, hi)
+        if len(ticks) >= 2:
+            self.sync.set(axis, tick_values=_as_array(ticks))
+
     def update_util(
         self, x: Sequence[float], names: Sequence[str], ys: Sequence[Sequence[float]]
     ) -> None:
@@ -243,6 +318,8 @@ class DashboardFigures:
             labels=list(names),
             colors=device_colours(len(names)),
         )
+        self.sync.set(self.util_legend, value=self._device_legend(names))
+        self._ticks(self.util_time_axis, *_finite_range(x))
 
     def update_memory(
         self,
@@ -262,6 +339,8 @@ class DashboardFigures:
             for n, r, o in zip(shown, run, other, strict=True)
         ]
         self.sync.set(self.mem_bars, x=list(shown), y=_as_array([run, other, free]))
+        top = max(r + o + f for r, o, f in zip(run, other, free, strict=True))
+        self._ticks(self.mem_axis, 0.0, top)
 
     def update_throughput(
         self, x: Sequence[float], samples_per_s: Sequence[float], loss: Sequence[float]
@@ -269,8 +348,11 @@ class DashboardFigures:
         if len(x) < 2 or self.throughput is None:
             return
         self.sync.set(self.tput_line, x=_as_array(x), y=_as_array(samples_per_s))
+        self._ticks(self.tput_time_axis, *_finite_range(x))
+        self._ticks(self.tput_axis, 0.0, _finite_range(samples_per_s)[1])
         if any(math.isfinite(v) for v in loss):
             self.sync.set(self.loss_line, x=_as_array(x), y=_as_array(loss))
+            self._ticks(self.loss_axis, *_finite_range(loss))
 
     def update_shares(self, names: Sequence[str], shares: Mapping[str, float]) -> None:
         shown = [n for n in names if n in shares] or list(shares)
@@ -282,3 +364,4 @@ class DashboardFigures:
             y=_as_array([shares.get(n, 0.0) for n in shown]),
             colors=device_colours(len(shown)),
         )
+        self.sync.set(self.shares_legend, value=self._device_legend(shown))

@@ -132,9 +132,8 @@ class Dashboard(BaseObserver):
                 max_height="170px", overflow="auto", border="1px solid #e5e7eb", padding="2px 6px"
             ),
         )
-        figs = self.figures.all()
         grid = widgets.GridBox(
-            figs,
+            self.figures.panels(),
             layout=widgets.Layout(grid_template_columns="repeat(2, minmax(300px, 1fr))"),
         )
         progress_row = widgets.HBox(
@@ -145,7 +144,12 @@ class Dashboard(BaseObserver):
         if self.controls is not None:
             children.append(self.controls.widget)
         children += [grid, widgets.HTML("<b style='font-size:13px'>Events</b>"), log_box]
-        self.widget = widgets.VBox(children, layout=widgets.Layout(width="100%", padding="4px 2px"))
+        self.widget = widgets.VBox(
+            children,
+            layout=widgets.Layout(
+                width="100%", padding="6px 10px", border="1px solid #e5e7eb", margin="2px 0"
+            ),
+        )
         self.widget.add_class("adaptive-nb-dashboard")
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
@@ -364,7 +368,11 @@ class Dashboard(BaseObserver):
         sync = self.figures.sync
         sync.set(self.header, value=self._header_html(s["info"], s["policy"]))
         self._render_progress(s["progress"], s["info"], s["ended"])
-        sync.set(self.status, value=self._status_html(s["paused"], s["ended"], s["note"]))
+        p: Progress | None = s["progress"]
+        where = ""
+        if p is not None and s["ended"] is not None and not _completed(s["ended"]):
+            where = f" at step {p.step:,}" + (f" of {p.total_steps:,}" if p.total_steps else "")
+        sync.set(self.status, value=self._status_html(s["paused"], s["ended"], s["note"], where))
         ux, util_names, uys = s["util"]
         if ux:
             self.figures.update_util(ux, util_names, uys)
@@ -468,9 +476,11 @@ class Dashboard(BaseObserver):
         sep = " <span style='color:#9ca3af'>·</span> "
         return f"<span style='font-size:13px'>{sep.join(items)}</span>"
 
-    def _status_html(self, paused: bool = False, ended: str | None = None, note: str = "") -> str:
+    def _status_html(
+        self, paused: bool = False, ended: str | None = None, note: str = "", where: str = ""
+    ) -> str:
         if ended is not None:
-            colour, text = "#15803d", f"Run {ended}"
+            colour, text = "#15803d", f"Run {ended}{where}"
             if not _completed(ended):
                 colour = "#b91c1c" if ended.startswith("error") else "#b45309"
             if self.monitor_only:
@@ -498,7 +508,8 @@ class Dashboard(BaseObserver):
             )
         return (
             "<table style='font-size:12px;border-collapse:collapse;width:100%'>"
-            "<tr style='color:#6b7280;text-align:left'><th>time</th><th>step</th><th>what</th>"
+            "<tr style='color:#6b7280;text-align:left'><th style='padding-right:8px'>time</th>"
+            "<th style='padding-right:8px'>step</th><th style='padding-right:8px'>what</th>"
             f"<th>detail</th></tr>{rows}</table>{more}"
         )
 

@@ -1,0 +1,143 @@
+"""The live dashboard in a real JupyterLab, driven by headless Debian chromium: figures
+render and update while a ``%%adaptive_train`` cell runs, and Pause / Resume / Stop take
+effect during the run (widget messages arrive on a kernel subshell)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from lab_session import LabServer, browser_page, chromium_missing, open_notebook, run_command
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing())),
+    pytest.mark.timeout(300),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build"
+
+CELLS = [
+    "%load_ext adaptive_nb",
+    """\
+import torch
+from torch import nn
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+opt = torch.optim.SGD(net.parameters(), lr=0.05)
+data = [(torch.randn(64, 32), torch.randint(0, 4, (64,))) for _ in range(50)]""",
+    """\
+%%adaptive_train --model net --optimizer opt --data data --steps 4000 --interval 0.25
+import time
+time.sleep(0.02)
+x, y = batch
+loss = nn.functional.cross_entropy(model(x), y)""",
+    "r = _adaptive\n"
+    "print('RESULT', r.summary['ended'], r.summary['steps'], "
+    "' '.join(e.kind for e in r.events))",
+]
+
+
+def _step(page: Any) -> int:
+    text = page.locator(".adaptive-nb-dashboard").inner_text()
+    m = re.search(r"step ([\d,]+) / ", text)
+    return int(m.group(1).replace(",", "")) if m else -1
+
+
+def _wait_step_above(page: Any, n: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = _step(page)
+        if s > n:
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"training did not pass step {n} (at {_step(page)})")
+
+
+def _button(page: Any, name: str) -> Any:
+    return page.locator(".adaptive-nb-dashboard button", has_text=name)
+
+
+def test_dashboard_renders_updates_and_obeys_pause_resume_stop() -> None:
+    BUILD.mkdir(exist_ok=True)
+    with LabServer() as lab:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
+        nbformat.write(nb, lab.root_dir / "train.ipynb")
+        with browser_page(width=1280, height=1400) as page:
+            try:
+                _drive(page, lab)
+            except BaseException:
+                page.screenshot(path=str(BUILD / "dashboard_failure.png"), full_page=True)
+                raise
+    assert (BUILD / "dashboard.png").stat().st_size > 10_000
+
+
+def _drive(page: Any, lab: LabServer) -> None:
+    if True:
+        if True:
+            open_notebook(page, lab, "train.ipynb")
+            run_command(page, "application:toggle-left-area")
+            run_command(page, "notebook:run-all-cells")
+
+            dash = page.locator(".adaptive-nb-dashboard")
+            dash.wait_for(timeout=90_000)
+            figures = dash.locator(".bqplot.figure")
+            page.wait_for_function(
+                "() => document.querySelectorAll('.adaptive-nb-dashboard .bqplot.figure svg')"
+                ".length >= 4",
+                timeout=30_000,
+            )
+            assert figures.count() == 4
+
+            # the plots update while training runs
+            s1 = _wait_step_above(page, 5)
+            line = dash.locator(".bqplot.figure").nth(1).locator("path.line").first
+            d1 = line.get_attribute("d")
+            _wait_step_above(page, s1 + 20)
+            time.sleep(0.6)
+            assert line.get_attribute("d") != d1, "the throughput line did not move"
+            assert dash.locator("rect.bar, .bar").count() > 0  # memory and share bars
+
+            # Pause: training stops advancing
+            _button(page, "Pause").click()
+            dash.get_by_text("Paused: press Resume to continue").wait_for(timeout=15_000)
+            paused_at = _step(page)
+            time.sleep(1.5)
+            assert _step(page) == paused_at, "steps advanced while paused"
+
+            # Resume: training advances again
+            _button(page, "Resume").click()
+            _wait_step_above(page, paused_at + 10, timeout=20)
+
+            # Stop: the run ends early and keeps its report
+            time.sleep(1.0)
+            _button(page, "Stop").click()
+            dash.get_by_text("Run stopped").wait_for(timeout=20_000)
+            result = page.locator(".jp-OutputArea-output", has_text="RESULT")
+            result.wait_for(timeout=30_000)
+            words = result.inner_text().split()
+            ended, steps, kinds = words[1], int(words[2]), words[3:]
+            assert ended == "stopped"
+            assert 0 < steps < 4000
+            assert steps >= paused_at + 10
+            for kind in ("pause", "resume", "stop"):
+                assert kind in kinds
+            assert kinds.index("pause") < kinds.index("resume") < kinds.index("stop")
+            # the final progress text agrees with the report
+            assert f"step {steps:,} / 4,000" in dash.inner_text()
+
+            page.wait_for_timeout(500)
+            dash.scroll_into_view_if_needed()
+            dash.screenshot(path=str(BUILD / "dashboard.png"))
+            page.screenshot(path=str(BUILD / "dashboard_page.png"), full_page=True)
