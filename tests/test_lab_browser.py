@@ -48,8 +48,40 @@ RUN = f"{PANEL} .jp-AdaptiveNb-run"
 STATUS = ".jp-AdaptiveNb-status"
 
 
-@pytest.fixture
-def lab() -> Iterator[LabServer]:
+# Server-side config for the simulated-GPU test: FakeNvml GPUs whose processes are this
+# server's kernels (so the table can name their notebooks) plus one unknown process.
+SIMULATED_GPUS_CONFIG = """
+import math, threading, time
+import psutil
+import adaptive_nb.jupyter.server.state as state
+from adaptive_nb.monitor import FakeGpu, FakeNvml
+
+GPUS = [FakeGpu(name="NVIDIA A100-SXM4-40GB", mem_total_mb=40960) for _ in range(2)]
+_init = state.ResourceSampler.__init__
+
+def _with_fake_gpus(self, max_age_s=0.75, nvml=None, monitor_factory=None):
+    _init(self, max_age_s, FakeNvml(GPUS) if nvml is None else nvml, monitor_factory)
+
+state.ResourceSampler.__init__ = _with_fake_gpus
+
+def _animate():
+    me = psutil.Process()
+    t0 = time.monotonic()
+    while True:
+        t = time.monotonic() - t0
+        kernels = sorted(p.pid for p in me.children())
+        GPUS[0].util_pct = 72 + 18 * math.sin(t / 3)
+        GPUS[0].processes = [(pid, 9216.0 + 512 * math.sin(t / 5)) for pid in kernels[:1]]
+        GPUS[0].processes.append((4_000_123, 3072.0))
+        GPUS[1].util_pct = 35 + 25 * math.sin(t / 4 + 1)
+        GPUS[1].processes = [(pid, 5632.0) for pid in kernels[:1]]
+        time.sleep(0.25)
+
+threading.Thread(target=_animate, daemon=True).start()
+"""
+
+
+def _start_lab(config_py: str | None = None) -> Iterator[LabServer]:
     if not (BUILT_EXTENSION / "package.json").exists():
         pytest.fail(
             f"the JupyterLab extension is not built ({BUILT_EXTENSION} is missing): "
@@ -62,8 +94,23 @@ def lab() -> Iterator[LabServer]:
             "--ServerApp.jpserver_extensions={'adaptive_nb.jupyter.server': True}",
             f"--LabApp.extra_labextensions_path={ext_dir}",
         ]
-        with LabServer(extra_args=args) as server:
+        env = {}
+        if config_py is not None:
+            (Path(ext_dir) / "config").mkdir()
+            (Path(ext_dir) / "config" / "jupyter_server_config.py").write_text(config_py)
+            env["JUPYTER_CONFIG_DIR"] = str(Path(ext_dir) / "config")
+        with LabServer(extra_args=args, env=env) as server:
             yield server
+
+
+@pytest.fixture
+def lab() -> Iterator[LabServer]:
+    yield from _start_lab()
+
+
+@pytest.fixture
+def lab_with_simulated_gpus() -> Iterator[LabServer]:
+    yield from _start_lab(SIMULATED_GPUS_CONFIG)
 
 
 def _write_notebooks(root: Path) -> None:
@@ -98,23 +145,49 @@ def _wait_current_path(page: Any, path: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"{path} did not become the current document ({_current_path(page)!r})")
 
 
+def _open_train_notebook_and_panel(page: Any, lab: LabServer) -> Any:
+    page.goto(lab.url("lab/tree/train.ipynb"))
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+    page.wait_for_function("() => !!window.jupyterapp", timeout=90_000)
+    wait_kernel_idle(page)
+    run_command(page, "adaptive-nb:show-resources")
+    panel = page.locator(PANEL)
+    panel.wait_for(state="visible")
+    return panel
+
+
+def _widen_left_sidebar(page: Any, dx: int) -> None:
+    """Drag the handle between the left sidebar and the main area ``dx`` pixels right."""
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle").first
+    box = handle.bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y, steps=5)
+    page.mouse.up()
+
+
+def _start_training(page: Any) -> None:
+    # not awaited: the command's promise settles only when every cell has run
+    page.evaluate("() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    page.locator(RUN).wait_for(state="visible", timeout=90_000)
+    page.wait_for_function(
+        f"() => /samples\\/s/.test(document.querySelector('{RUN}').textContent)"
+        f" && /step [1-9]/.test(document.querySelector('{RUN}').textContent)",
+        timeout=30_000,
+    )
+
+
 def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
     BUILD.mkdir(exist_ok=True)
     _write_notebooks(lab.root_dir)
     resources = lab.api("GET", "/adaptive-nb/api/resources")
 
     with browser_page(width=1400, height=900) as page:
-        page.goto(lab.url("lab/tree/train.ipynb"))
-        page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
-        page.wait_for_function("() => !!window.jupyterapp", timeout=90_000)
-        wait_kernel_idle(page)
-
-        # the palette command opens the panel
+        panel = _open_train_notebook_and_panel(page, lab)
         commands = page.evaluate("() => window.jupyterapp.commands.listCommands()")
         assert "adaptive-nb:show-resources" in commands
-        run_command(page, "adaptive-nb:show-resources")
-        panel = page.locator(PANEL)
-        panel.wait_for(state="visible")
         cpu = panel.locator('[data-adaptive="cpu"]')
         ram = panel.locator('[data-adaptive="ram"]')
         cpu.wait_for(state="visible")
@@ -132,19 +205,7 @@ def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
         assert ("GPU" if resources["gpus"] else "CPU") in status.inner_text()
 
         # a %%adaptive_train run appears with its notebook, rate and progress
-        t0 = time.monotonic()
-        # not awaited: the command's promise settles only when every cell has run
-        page.evaluate(
-            "() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
-        )
-        print(f"run-all issued after {time.monotonic() - t0:.1f}s")
-        page.locator(RUN).wait_for(state="visible", timeout=90_000)
-        page.wait_for_function(
-            f"() => /samples\\/s/.test(document.querySelector('{RUN}').textContent)"
-            f" && /step [1-9]/.test(document.querySelector('{RUN}').textContent)",
-            timeout=30_000,
-        )
-        print(f"run card with progress after {time.monotonic() - t0:.1f}s")
+        _start_training(page)
         card = page.locator(RUN)
         assert card.locator(".jp-AdaptiveNb-link").inner_text() == "train.ipynb"
         assert "/ 20000" in card.inner_text() and "policy adaptive" in card.inner_text()
@@ -154,7 +215,6 @@ def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
         )
         time.sleep(2.5)  # a few more samples for the sparklines
         page.screenshot(path=str(BUILD / "lab_resources.png"))
-        print(f"screenshot after {time.monotonic() - t0:.1f}s")
 
         # clicking the run's notebook opens (activates) it
         run_command(page, "docmanager:open", {"path": "other.ipynb"})
@@ -174,3 +234,51 @@ def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
         page.locator(RUN).wait_for(state="detached", timeout=30_000)
         assert lab.api("GET", "/adaptive-nb/api/runs") == {"runs": []}
         assert "run" not in page.locator(STATUS).inner_text()
+
+
+def test_simulated_gpus_show_charts_and_the_notebook_of_each_gpu_process(
+    lab_with_simulated_gpus: LabServer,
+) -> None:
+    lab = lab_with_simulated_gpus
+    BUILD.mkdir(exist_ok=True)
+    _write_notebooks(lab.root_dir)
+
+    with browser_page(width=1400, height=900) as page:
+        panel = _open_train_notebook_and_panel(page, lab)
+        gpus = panel.locator(".jp-AdaptiveNb-gpu")
+        gpus.first.wait_for(state="visible")
+        assert gpus.count() == 2
+        assert "simulated" in gpus.nth(0).inner_text()
+        assert "GPU 0" in gpus.nth(0).inner_text() and "/ 40.0 GB" in gpus.nth(0).inner_text()
+        assert gpus.nth(0).locator("svg.jp-AdaptiveNb-spark").count() == 2
+        assert panel.locator('[data-adaptive="no-gpu"]').count() == 0
+
+        # the kernel's GPU memory is attributed to its notebook; the other process is not
+        rows = panel.locator('[data-section="processes"] tbody tr')
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#adaptive-nb-resources tbody tr')]"
+            ".some(r => r.textContent.includes('train.ipynb'))",
+            timeout=30_000,
+        )
+        texts = [rows.nth(i).inner_text() for i in range(rows.count())]
+        assert sum("train.ipynb" in t for t in texts) == 2, texts
+        assert any("other process" in t and "4000123" in t for t in texts), texts
+
+        _start_training(page)
+        page.wait_for_function(
+            f"() => /GPU 2\\/2 busy · 1 run · [\\d,.]+ samples\\/s/"
+            f".test(document.querySelector('{STATUS}').textContent)",
+            timeout=30_000,
+        )
+        _widen_left_sidebar(page, 90)
+        time.sleep(20)  # let the sparklines fill for the picture
+        page.screenshot(path=str(BUILD / "lab_resources_gpus.png"))
+
+        # a click on the process table's notebook opens it
+        run_command(page, "docmanager:open", {"path": "other.ipynb"})
+        _wait_current_path(page, "other.ipynb")
+        panel.locator("tbody .jp-AdaptiveNb-link").first.click()
+        _wait_current_path(page, "train.ipynb")
+
+        run_command(page, "kernelmenu:interrupt")
+        page.locator(RUN).wait_for(state="detached", timeout=30_000)

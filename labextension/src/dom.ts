@@ -44,12 +44,13 @@ function append(el: Element, children: (Child | Child[])[]): void {
 }
 
 /**
- * A sparkline of percentages (0..100), oldest left, as an SVG area chart that fills its
- * box. `length` fixes the time axis so a new chart grows from the right.
+ * A sparkline of percentages (0..100) over the last `windowS` seconds (now at the right
+ * edge), as an SVG area chart that fills its box. `times` are the samples' times (s).
  */
 export function sparkline(
+  times: number[],
   values: number[],
-  length: number,
+  windowS: number,
   className: string,
   label: string
 ): SVGElement {
@@ -68,13 +69,17 @@ export function sparkline(
   if (values.length === 0) {
     return root;
   }
-  const step = width / Math.max(1, length - 1);
-  const x0 = width - step * (values.length - 1);
-  const points = values.map((v, i) => {
-    const y = height - (Math.min(100, Math.max(0, v)) / 100) * (height - 1) - 0.5;
-    return `${(x0 + i * step).toFixed(2)},${y.toFixed(2)}`;
-  });
-  const area = `M${x0.toFixed(2)},${height} L${points.join(' L')} L${width},${height} Z`;
+  const now = times[times.length - 1];
+  const xs = times.map(t => Math.max(0, width * (1 - (now - t) / windowS)));
+  const ys = values.map(
+    v => height - (Math.min(100, Math.max(0, v)) / 100) * (height - 1) - 0.5
+  );
+  if (xs.length === 1) {
+    xs.unshift(Math.max(0, xs[0] - 2)); // a single sample still shows as a short line
+    ys.unshift(ys[0]);
+  }
+  const points = xs.map((x, i) => `${x.toFixed(2)},${ys[i].toFixed(2)}`);
+  const area = `M${xs[0].toFixed(2)},${height} L${points.join(' L')} L${width},${height} Z`;
   root.appendChild(svg('path', { d: area, class: 'jp-AdaptiveNb-sparkArea' }));
   root.appendChild(
     svg('polyline', {

@@ -6,14 +6,15 @@ import { ISignal, Signal } from '@lumino/signaling';
 
 import { IResources, IRun, IRuns, requestAPI } from './api';
 
-/** How many samples each sparkline keeps. */
-export const HISTORY_LENGTH = 60;
+/** Seconds of history each sparkline shows. */
+export const HISTORY_SECONDS = 60;
 
 /** Utilisation (%) from which a GPU counts as busy. */
 export const BUSY_UTIL_PCT = 10;
 
-/** Recent utilisation and memory of one GPU (oldest first). */
+/** Recent utilisation and memory (%) of one GPU, with sample times (s), oldest first. */
 export interface IGpuHistory {
+  t: number[];
   util: number[];
   memory: number[];
 }
@@ -54,7 +55,7 @@ export class ResourcesModel {
   }
 
   history(uuid: string): IGpuHistory {
-    return this._history.get(uuid) ?? { util: [], memory: [] };
+    return this._history.get(uuid) ?? { t: [], util: [], memory: [] };
   }
 
   /** Recent CPU (`util`) and RAM (`memory`) percentages. */
@@ -141,17 +142,18 @@ export class ResourcesModel {
   }
 
   private _record(resources: IResources): void {
-    push(this._host, resources.cpu.percent, resources.memory.percent);
+    push(this._host, resources.time, resources.cpu.percent, resources.memory.percent);
     const seen = new Set<string>();
     for (const gpu of resources.gpus) {
       seen.add(gpu.uuid);
       let h = this._history.get(gpu.uuid);
       if (!h) {
-        h = { util: [], memory: [] };
+        h = { t: [], util: [], memory: [] };
         this._history.set(gpu.uuid, h);
       }
       push(
         h,
+        resources.time,
         gpu.utilisation_pct,
         gpu.memory_total_mb > 0
           ? (100 * gpu.memory_used_mb) / gpu.memory_total_mb
@@ -170,7 +172,7 @@ export class ResourcesModel {
   private _error: string | null = null;
   private _fast: number;
   private _history = new Map<string, IGpuHistory>();
-  private _host: IGpuHistory = { util: [], memory: [] };
+  private _host: IGpuHistory = { t: [], util: [], memory: [] };
   private _poll: Poll;
   private _resources: IResources | null = null;
   private _runs: IRun[] = [];
@@ -185,10 +187,12 @@ export namespace ResourcesModel {
   }
 }
 
-function push(h: IGpuHistory, util: number, memory: number): void {
+function push(h: IGpuHistory, t: number, util: number, memory: number): void {
+  h.t.push(t);
   h.util.push(util);
   h.memory.push(memory);
-  if (h.util.length > HISTORY_LENGTH) {
+  while (h.t.length > 0 && h.t[0] < t - HISTORY_SECONDS - 5) {
+    h.t.shift();
     h.util.shift();
     h.memory.shift();
   }

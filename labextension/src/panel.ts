@@ -8,7 +8,7 @@ import { Widget } from '@lumino/widgets';
 
 import { IGpu, IGpuProcess, IResources, IRun } from './api';
 import { h, meter, sparkline } from './dom';
-import { formatGB, formatRate, HISTORY_LENGTH, ResourcesModel } from './model';
+import { formatGB, formatRate, HISTORY_SECONDS, ResourcesModel } from './model';
 
 /** Opens a notebook by its server path (e.g. via `docmanager:open`). */
 export type OpenPath = (path: string) => void;
@@ -101,18 +101,18 @@ export class ResourcesPanel extends Widget {
         'div',
         { class: 'jp-AdaptiveNb-gpuTitle' },
         h('span', { class: 'jp-AdaptiveNb-gpuIndex' }, gpuLabel(gpu)),
-        h('span', { class: 'jp-AdaptiveNb-gpuName', title: gpu.name }, gpu.name),
+        h('span', { class: 'jp-AdaptiveNb-gpuName', title: gpu.name }, gpu.name.replace(/^NVIDIA /, '')),
         gpu.simulated ? badge('simulated') : null
       ),
       this._metric(
         'Utilisation',
         `${Math.round(gpu.utilisation_pct)}%`,
-        sparkline(hist.util, HISTORY_LENGTH, 'jp-mod-util', `${gpuLabel(gpu)} utilisation`)
+        sparkline(hist.t, hist.util, HISTORY_SECONDS, 'jp-mod-util', `${gpuLabel(gpu)} utilisation`)
       ),
       this._metric(
         'Memory',
         `${formatGB(gpu.memory_used_mb)} / ${formatGB(gpu.memory_total_mb)} GB`,
-        sparkline(hist.memory, HISTORY_LENGTH, 'jp-mod-memory', `${gpuLabel(gpu)} memory`),
+        sparkline(hist.t, hist.memory, HISTORY_SECONDS, 'jp-mod-memory', `${gpuLabel(gpu)} memory`),
         meter(memPct, `${gpuLabel(gpu)} memory used`)
       )
     );
@@ -149,6 +149,14 @@ export class ResourcesPanel extends Widget {
             'table',
             { class: 'jp-AdaptiveNb-table' },
             h(
+              'colgroup',
+              {},
+              h('col', { class: 'jp-mod-gpu' }),
+              h('col', { class: 'jp-mod-pid' }),
+              h('col', { class: 'jp-mod-mem' }),
+              h('col', {})
+            ),
+            h(
               'thead',
               {},
               h(
@@ -156,7 +164,7 @@ export class ResourcesPanel extends Widget {
                 {},
                 h('th', {}, 'GPU'),
                 h('th', {}, 'PID'),
-                h('th', { class: 'jp-mod-num' }, 'Memory'),
+                h('th', { class: 'jp-mod-num' }, 'Mem'),
                 h('th', {}, 'Notebook')
               )
             ),
@@ -175,7 +183,7 @@ export class ResourcesPanel extends Widget {
       h(
         'td',
         { class: 'jp-AdaptiveNb-owner' },
-        p.notebook ? this._link(p.notebook) : h('span', { class: 'jp-AdaptiveNb-dim' }, 'other process')
+        p.notebook ? this._link(p.notebook) : h('span', { class: 'jp-AdaptiveNb-dim', title: 'not a kernel of this server' }, 'other process')
       )
     );
   }
@@ -193,7 +201,7 @@ export class ResourcesPanel extends Widget {
         this._metric(
           'CPU',
           `${Math.round(r.cpu.percent)}% of ${cores % 1 === 0 ? cores : cores.toFixed(1)} cores`,
-          sparkline(hist.util, HISTORY_LENGTH, 'jp-mod-cpu', 'CPU utilisation')
+          sparkline(hist.t, hist.util, HISTORY_SECONDS, 'jp-mod-cpu', 'CPU utilisation')
         )
       ),
       h(
@@ -202,7 +210,7 @@ export class ResourcesPanel extends Widget {
         this._metric(
           'RAM',
           `${formatGB(r.memory.used_mb)} / ${formatGB(r.memory.total_mb)} GB`,
-          sparkline(hist.memory, HISTORY_LENGTH, 'jp-mod-memory', 'RAM used'),
+          sparkline(hist.t, hist.memory, HISTORY_SECONDS, 'jp-mod-memory', 'RAM used'),
           meter(r.memory.percent, 'RAM used')
         )
       )
