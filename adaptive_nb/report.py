@@ -153,9 +153,10 @@ _SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("reallocations", "Reallocations"),
     ("oom_recovered", "OOM recovered"),
     ("threads", "CPU threads at the end"),
-    ("prediction_mape", "Step-time prediction error (MAPE)"),
-    ("static_samples_per_s", "Static split (samples/s)"),
-    ("speedup_vs_static", "Speed-up vs static split"),
+    ("prediction_mape_pct", "Step-time prediction error (MAPE, %)"),
+    ("static_samples_per_s_predicted", "Static equal split, predicted (samples/s)"),
+    ("speedup_vs_static_predicted", "Speed-up vs static split (predicted)"),
+    ("static_split_would_oom_ticks", "Ticks at which the equal split would run out of memory"),
     ("controller_overhead_pct", "adaptive_nb overhead (% of step time)"),
 )
 
@@ -198,9 +199,9 @@ def render_html(report: RunReport) -> str:
             text = _fmt_s(value)
         elif key == "devices":
             text = ", ".join(str(d) for d in value)
-        elif key == "prediction_mape":
-            text = f"{100 * float(value):.1f} %"
-        elif key == "speedup_vs_static":
+        elif key == "prediction_mape_pct":
+            text = f"{float(value):.1f} %"
+        elif key == "speedup_vs_static_predicted":
             text = f"{float(value):.2f}×"
         else:
             text = _fmt_num(value)

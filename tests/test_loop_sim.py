@@ -13,15 +13,20 @@ import adaptive_nb
 from adaptive_nb import EventKind
 
 
-def scenario(tmp_path: Path, events: list[dict[str, Any]]) -> str:
-    dev = {"name": "A100 40GB PCIe", "memory_gb": 40, "samples_per_s": 882, "alpha_ms": 8}
+def scenario(
+    tmp_path: Path, events: list[dict[str, Any]], speeds: tuple[float, ...] = (882, 882, 882)
+) -> str:
+    devs = [
+        {"name": "A100 40GB PCIe", "memory_gb": 40, "samples_per_s": v, "alpha_ms": 8}
+        for v in speeds
+    ]
     spec = {
         "name": "loop_test",
         "global_batch": 16,
         "steps": 200,
         "seed": 3,
         "noise": 0.02,
-        "devices": [dev, dev, dev],
+        "devices": devs,
         "job": {"mem_base_gb": 2.0, "mem_per_sample_gb": 0.09},
         "comm": {"alpha_ms": 4.0, "per_device_ms": 6.0},
         "primary_extra_ms": 8.0,
@@ -62,3 +67,23 @@ def test_primary_failure_stops_cleanly_with_the_partial_report(tmp_path: Path) -
     assert 0 < report.summary["steps"] < 10_000
     assert any(e.kind == EventKind.DEVICE_DROPPED for e in report.events)
     assert adaptive_nb.active_run() is None
+
+
+def run_sim(path: str, steps: int = 60) -> Any:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(x.repeat(16, 1), y.repeat(16)) for x, y in make_data()]  # batch 256
+    return adaptive_nb.train(
+        ce_step, model=model, optimizer=opt, data=data, steps=steps, devices=f"sim:{path}"
+    )
+
+
+def test_report_compares_with_the_static_split(tmp_path: Path) -> None:
+    same = run_sim(scenario(tmp_path, []))
+    assert 0.95 <= same.summary["speedup_vs_static_predicted"] <= 1.05
+    mixed_path = tmp_path / "mixed"
+    mixed_path.mkdir()
+    mixed = run_sim(scenario(mixed_path, [], speeds=(1753, 882, 274)))
+    # an equal split waits for the slowest GPU; the weighted split does not
+    assert mixed.summary["speedup_vs_static_predicted"] > 1.3
+    assert "Speed-up vs static split (predicted)" in mixed._repr_html_()

@@ -41,7 +41,7 @@ def sample_report(simulated: bool = False) -> RunReport:
         "devices": ["GPU 0", "GPU 1"],
         "reallocations": 1,
         "oom_recovered": 0,
-        "prediction_mape": 0.071,
+        "prediction_mape_pct": 7.1,
         "utilisation": {"GPU 0": {"mean_pct": 90.0, "peak_pct": 95.0, "peak_mem_mb": 1000.0}},
         "events": [e.to_dict() for e in events],
     }

@@ -126,6 +126,10 @@ class AllocationController(Controller):
         self.oom_recovered = 0
         self.failures = 0
         self.replans = 0
+        # the static split users have today, predicted with the same models at every re-plan
+        self._static_t: list[float] = []  # predicted step time of the equal split
+        self._chosen_t: list[float] = []  # predicted step time of the plan in force
+        self._static_oom = 0  # re-plans at which the equal split would not fit in memory
         positions = [d.position for d in self.devices]
         first = static_plan(positions, len(positions), 0)
         assert first is not None
@@ -320,6 +324,7 @@ class AllocationController(Controller):
                 return []
             return self._apply(new, now, step, cause or "equal split")
         ordered = sorted(usable, key=lambda m: (m.position != self.primary, m.position))
+        self._compare_with_static(ordered, n, batch, overhead)
         in_use = [i for i, m in enumerate(ordered) if m.position in self.plan.devices]
         set_ok = forced or now - self._last_set_change >= self.set_change_interval
         if self.policy == "weights":
@@ -561,6 +566,22 @@ class AllocationController(Controller):
             return []
         return self._replan(now, step, forced=True, cause="requested")
 
+    def _compare_with_static(
+        self, ordered: list[DeviceModel], n: int, batch: int, overhead: Overhead
+    ) -> None:
+        """Predict what the equal split over every working device would take now."""
+        positions = [m.position for m in ordered]
+        equal = static_plan(positions, n, batch)  # no caps: plain DataParallel has none
+        if equal is None or equal.micro_batches != 1:
+            return
+        t_static = evaluate(equal, ordered, overhead, batch)
+        t_chosen = evaluate(self.plan, ordered, overhead, batch)
+        if math.isinf(t_static):
+            self._static_oom += 1
+        elif not math.isinf(t_chosen):
+            self._static_t.append(t_static)
+            self._chosen_t.append(t_chosen)
+
     # -- read-outs ------------------------------------------------------------------------
     def shares(self) -> dict[str, float]:
         return {d.name: float(self.plan.shares[d.position]) for d in self.devices if not d.failed}
@@ -579,7 +600,17 @@ class AllocationController(Controller):
             "devices_left_out": [
                 d.name for d in self.devices if d.position not in self.plan.devices and not d.failed
             ],
+            **self._static_summary(),
         }
+
+    def _static_summary(self) -> dict[str, object]:
+        out: dict[str, object] = {"static_split_would_oom_ticks": self._static_oom}
+        if self._static_t and self._batch:
+            static_s = sum(self._static_t) / len(self._static_t)
+            chosen_s = sum(self._chosen_t) / len(self._chosen_t)
+            out["static_samples_per_s_predicted"] = round(self._batch / static_s, 2)
+            out["speedup_vs_static_predicted"] = round(static_s / chosen_s, 3)
+        return out
 
 
 def _with_prediction(plan: Plan, t: float) -> Plan:
