@@ -129,7 +129,6 @@ def parse_devices(spec: str | Iterable[int] | None, cuda_count: int | None = Non
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             env = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
             raise UsageError(
-                f"GPU {i} does not exist: this kernel sees {have}{env}. "
-                "Use --devices auto or cpu."
+                f"GPU {i} does not exist: this kernel sees {have}{env}. Use --devices auto or cpu."
             )
     return DeviceSpec("gpu", tuple(ids))
