@@ -78,6 +78,7 @@ class Dashboard(BaseObserver):
         self.title = title
         self.disabled = False
         self.flushes = 0
+        self.flush_s = 0.0  # seconds spent updating widgets (any thread)
         self._clock = clock
         self._use_timer = use_timer
         self._lock = threading.Lock()  # guards recorded data
@@ -310,6 +311,7 @@ class Dashboard(BaseObserver):
         if not self._flush_lock.acquire(blocking=blocking):
             self._arm_timer(self.min_interval)
             return
+        t0 = time.perf_counter()
         try:
             with self._lock:
                 self._dirty = False
@@ -317,6 +319,7 @@ class Dashboard(BaseObserver):
                 state = self._state()
             self._render(state)
             self.flushes += 1
+            self.flush_s += time.perf_counter() - t0
         except Exception as exc:  # never let the display stop training
             self._fail(exc)
         finally:
