@@ -40,3 +40,9 @@ def test_public_api_is_reexported() -> None:
 
     for name in adaptive_nb.__all__:
         assert hasattr(adaptive_nb, name), name
+
+
+def test_server_extension_does_not_import_torch() -> None:
+    code = "import sys, adaptive_nb.jupyter.server; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
