@@ -141,3 +141,60 @@ def _drive(page: Any, lab: LabServer) -> None:
             dash.scroll_into_view_if_needed()
             dash.screenshot(path=str(BUILD / "dashboard.png"))
             page.screenshot(path=str(BUILD / "dashboard_page.png"), full_page=True)
+
+
+SIM_CELLS = [
+    "%load_ext adaptive_nb",
+    """\
+import torch
+import torch.nn.functional as F
+from torch import nn
+torch.manual_seed(0)
+x_all = torch.randn(512 * 24, 32)
+y_all = (x_all[:, :4].sum(1) > 0).long() + (x_all[:, 4] > 1).long()
+loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(x_all, y_all), batch_size=512, shuffle=True
+)
+net = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 3))
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)""",
+    "%%adaptive_train --model net --optimizer opt --data loader --steps 360 --interval 2 "
+    f"--devices sim:{REPO}/examples/mixed_workstation.json\n"
+    """\
+x, y = batch
+loss = F.cross_entropy(model(x), y)""",
+    "print('RESULT', _adaptive.summary['ended'], _adaptive.summary['reallocations'])",
+]
+
+
+def test_simulated_fleet_dashboard_is_labelled_and_shows_every_device() -> None:
+    BUILD.mkdir(exist_ok=True)
+    with LabServer() as lab:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in SIM_CELLS]
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
+        nbformat.write(nb, lab.root_dir / "sim.ipynb")
+        with browser_page(width=1280, height=1500) as page:
+            open_notebook(page, lab, "sim.ipynb")
+            run_command(page, "application:toggle-left-area")
+            run_command(page, "notebook:run-all-cells")
+            dash = page.locator(".adaptive-nb-dashboard")
+            dash.wait_for(timeout=90_000)
+            # mid-run, while another (simulated) job holds GPU 2
+            _wait_step_above(page, 120, timeout=120)
+            dash.screenshot(path=str(BUILD / "dashboard_simulated_running.png"))
+            result = page.locator(".jp-OutputArea-output", has_text="RESULT")
+            result.wait_for(timeout=180_000)
+            assert result.inner_text().split()[1] == "completed"
+            assert dash.get_by_text("SIMULATED", exact=True).is_visible()
+            text = dash.inner_text()
+            assert "step 360 / 360" in text and "Run completed" in text
+            # one include/exclude toggle per simulated GPU, and bars for each
+            assert dash.locator("button", has_text="RTX 3090").count() == 2
+            assert dash.locator("button", has_text="RTX 4090").count() == 1
+            assert dash.locator(".bqplot.figure rect").count() >= 4 * 3
+            page.wait_for_timeout(500)
+            dash.screenshot(path=str(BUILD / "dashboard_simulated.png"))

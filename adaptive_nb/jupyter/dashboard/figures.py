@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,6 +113,20 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
+_GPU_NAME = re.compile(r"^(?:sim )?(GPU \S+)")
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Axis labels for device names: ``"sim GPU 2 (RTX 3090)"`` → ``"GPU 2"``; other
+    names are cut to 14 characters. Falls back to the full names if labels would clash."""
+    out = []
+    for name in names:
+        m = _GPU_NAME.match(name)
+        label = m.group(1) if m else name
+        out.append(label if len(label) <= 14 else label[:13] + "…")
+    return out if len(set(out)) == len(out) else list(names)
+
+
 def _finite_range(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     arr = arr[np.isfinite(arr)]
@@ -183,7 +198,7 @@ class DashboardFigures:
         # memory: this run / other processes / free, stacked per device
         mx, my = bq.OrdinalScale(), bq.LinearScale(min=0.0)
         self.mem_bars = bq.Bars(
-            x=names,
+            x=short_names(names),
             y=np.zeros((3, len(names))),
             type="stacked",
             colors=list(MEM_COLOURS),
@@ -262,7 +277,7 @@ class DashboardFigures:
         # current share of the global batch per device
         sx, sy = bq.OrdinalScale(), bq.LinearScale(min=0.0, max=1.08)
         self.share_bars = bq.Bars(
-            x=names,
+            x=short_names(names),
             y=np.zeros(len(names)),
             colors=device_colours(len(names)),
             padding=0.35,
@@ -278,7 +293,7 @@ class DashboardFigures:
                 bq.Axis(scale=sy, side="left", tick_values=SHARE_TICKS, grid_lines="dashed"),
             ],
         )
-        self.shares_legend = widgets.HTML(self._device_legend(names))
+        self.shares_legend = widgets.HTML(self._shares_caption(names))
 
     def all(self) -> list[bq.Figure]:
         """The figures, in display order."""
@@ -295,6 +310,13 @@ class DashboardFigures:
         if self.shares is not None:
             out.append(_panel(self.shares, self.shares_legend))
         return out
+
+    @staticmethod
+    def _shares_caption(names: Sequence[str]) -> str:
+        return (
+            "<div style='font-size:12px;text-align:center;color:#6b7280'>"
+            "fraction of each global batch computed on each device</div>"
+        )
 
     @staticmethod
     def _device_legend(names: Sequence[str]) -> str:
@@ -338,7 +360,7 @@ class DashboardFigures:
             max(0.0, total_mb.get(n, 0.0) * gib - r - o)
             for n, r, o in zip(shown, run, other, strict=True)
         ]
-        self.sync.set(self.mem_bars, x=list(shown), y=_as_array([run, other, free]))
+        self.sync.set(self.mem_bars, x=short_names(shown), y=_as_array([run, other, free]))
         top = max(r + o + f for r, o, f in zip(run, other, free, strict=True))
         self._ticks(self.mem_axis, 0.0, top)
 
@@ -360,8 +382,8 @@ class DashboardFigures:
             return
         self.sync.set(
             self.share_bars,
-            x=list(shown),
+            x=short_names(shown),
             y=_as_array([shares.get(n, 0.0) for n in shown]),
             colors=device_colours(len(shown)),
         )
-        self.sync.set(self.shares_legend, value=self._device_legend(shown))
+        self.sync.set(self.shares_legend, value=self._shares_caption(shown))

@@ -184,6 +184,11 @@ class Dashboard(BaseObserver):
         with self._lock:
             self._tick = record
             self._util.append(record.t, record.util_pct)
+            # ticks and progress share the run clock; ticks add points where progress
+            # reports are sparse (simulated fleets run faster than real time)
+            if self._progress is None or record.t > self._progress.elapsed_s:
+                self._tput.append(record.t, record.samples_per_s)
+                self._loss.append(record.t, record.loss)
         self._request_flush()
 
     def on_event(self, event: Event) -> None:
