@@ -149,3 +149,30 @@ def test_monitor_cell_error_propagates_and_still_reports(shell: InteractiveShell
 def test_monitor_rejects_a_bad_rate(shell: InteractiveShell) -> None:
     with pytest.raises(UsageError, match="--rate"):
         shell.run_cell_magic("adaptive_monitor", "--rate 0", "pass")
+
+
+def test_adaptive_stop_ends_a_background_train_cell(shell: InteractiveShell) -> None:
+    shell.run_line_magic("load_ext", "adaptive_nb")
+    torch.manual_seed(0)
+    shell.user_ns.update(
+        net=nn.Linear(4, 2),
+        data=[(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)],
+        time=time,
+        nn=nn,
+    )
+    shell.user_ns["opt"] = torch.optim.SGD(shell.user_ns["net"].parameters(), lr=0.01)
+    shell.user_ns.pop("_bg", None)
+    shell.run_cell_magic(
+        "adaptive_train",
+        "--model net --optimizer opt --data data --steps 100000 --devices cpu "
+        "--background --no-widget --out _bg",
+        "time.sleep(0.005)\nx, y = batch\nloss = nn.functional.cross_entropy(model(x), y)",
+    )
+    run = adaptive_nb.loop.active_run()
+    assert run is not None
+    _wait(lambda: run.step >= 3)
+    shell.run_line_magic("adaptive", "stop")
+    report = run.wait(10)
+    _wait(lambda: "_bg" in shell.user_ns)
+    assert shell.user_ns["_bg"] is report
+    assert report.summary["ended"] == "stopped" and report.summary["steps"] < 100_000

@@ -320,3 +320,26 @@ def test_the_loop_obeys_widget_clicks_at_the_next_step() -> None:
     assert report.summary["ended"] == "stopped"
     assert dash.progress_bar.bar_style == "warning"
     assert "stopped" in dash.status.value
+
+
+def test_report_plot_returns_the_evaluation_figures() -> None:
+    from adaptive_nb.report import RunReport
+
+    timeline = [tick(float(t), share0=0.5 if t < 5 else 0.8) for t in range(10)]
+    events = [Event(5.0, EventKind.REALLOCATE, "GPU 1: external job → share 0.5 → 0.2", 50)]
+    report = RunReport(
+        info=info(simulated=True), summary={"ended": "completed"}, timeline=timeline, events=events
+    )
+    figs = report.plot()
+    assert [f.title for f in figs] == [
+        "Throughput (simulated)",
+        "Utilisation per device (%) (simulated)",
+        "Allocation timeline: share of the global batch (simulated)",
+    ]
+    alloc = figs[2].marks
+    assert alloc[0].labels == GPUS and alloc[0].y.shape == (2, 10)
+    assert list(alloc[0].y[0][[0, 9]]) == pytest.approx([0.5, 0.8])
+    assert list(alloc[1].x) == [5.0]  # the reallocation is marked
+    # a report loaded back from JSON plots the same
+    again = RunReport.from_json(report.to_json())
+    assert again.plot()[2].marks[0].y.shape == (2, 10)
