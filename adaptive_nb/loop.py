@@ -39,6 +39,18 @@ log = logging.getLogger("adaptive_nb")
 MAX_RETRIES = 8
 PROGRESS_HZ = 4.0
 
+# Event kinds by which a controller reports a change of allocation (one decision may emit
+# several, e.g. a device left out and the shares moved): each decision is one reallocation.
+_ALLOCATION_KINDS = frozenset(
+    {
+        EventKind.REALLOCATE,
+        EventKind.DEVICES,
+        EventKind.DEVICE_DROPPED,
+        EventKind.DEVICE_READMITTED,
+        EventKind.MICROBATCH,
+    }
+)
+
 
 class SnapshotSource(Protocol):
     def latest(self) -> Snapshot | None: ...
@@ -51,6 +63,30 @@ _active: Run | None = None
 def active_run() -> Run | None:
     """The run in progress in this process (foreground or background), if any."""
     return _active
+
+
+def _busy_message(run: Run) -> str:
+    return (
+        f"another adaptive_nb run ({run.run_id}, step {run.step}) is still running in this "
+        "kernel: stop it with `%adaptive stop` (or run.control.stop()) and wait for it to "
+        "finish."
+    )
+
+
+def _claim(run: Run) -> None:
+    """Make ``run`` the active run, atomically; UsageError if another one holds the slot."""
+    global _active
+    with _active_lock:
+        if _active is not None and _active is not run:
+            raise UsageError(_busy_message(_active))
+        _active = run
+
+
+def _release(run: Run) -> None:
+    global _active
+    with _active_lock:
+        if _active is run:
+            _active = None
 
 
 def _check_loss(loss: Any, loss_name: str) -> torch.Tensor:
@@ -193,17 +229,22 @@ class Run:
         self.report: RunReport | None = None
         self.oom_recovered = 0
         self.device_failures = 0
+        self.reallocations = 0
         self._t0 = 0.0
         self._last_loss: torch.Tensor | None = None
         self._rate = 0.0  # samples/s, smoothed
         self._step_s = 0.0  # seconds per step, smoothed
         self._own_s = 0.0  # time spent in adaptive_nb's bookkeeping (real seconds)
         self._wall_real0 = 0.0
+        self._paused_s = 0.0  # engine-clock seconds spent paused (not training)
+        self._paused_real_s = 0.0
         self._interrupts = 0
         self._in_optimizer_step = False
+        self._finishing = False  # a repeated Ctrl-C must not lose the report being built
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
+        self._epochs_started = 0
         self._util: dict[str, list[float]] = {}
         self._peak_mem: dict[str, float] = {}
         total = self._total_steps()
@@ -273,16 +314,26 @@ class Run:
             self.events.append(ev)
             self._observers.call("on_event", ev)
 
+    def _decision(self, events: Sequence[Event]) -> None:
+        """Log the events of one controller decision and count the reallocation it made
+        (each thread-count change counts; a re-plan counts once however many lines)."""
+        self._events(events)
+        self.reallocations += sum(1 for e in events if e.kind == EventKind.THREADS)
+        if any(e.kind in _ALLOCATION_KINDS for e in events):
+            self.reallocations += 1
+
     def _observer_failed(self, detail: str) -> None:
         self.events.append(Event(round(self._now(), 3), EventKind.NOTICE, detail, self.step))
 
     def _batches(self) -> Iterator[Any]:
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            self.epoch = epoch
             got = False
             for batch in self.data:
-                got = True
+                if not got:
+                    got = True
+                    self.epoch = epoch
+                    self._epochs_started = epoch + 1
                 yield batch
             if not got:
                 if self.step == 0:
@@ -308,16 +359,16 @@ class Run:
             self._event(EventKind.RESUME, f"resumed at step {step}")
         if req.policy is not None and req.policy != self.controller.policy:
             old = self.controller.policy
-            self._events(self.controller.set_policy(req.policy, now, step))
+            self._decision(self.controller.set_policy(req.policy, now, step))
             self._event(EventKind.POLICY, f"policy {old} → {req.policy} (requested)")
         if req.headroom is not None and req.headroom != self.controller.headroom:
             old_h = self.controller.headroom
-            self._events(self.controller.set_headroom(req.headroom, now, step))
+            self._decision(self.controller.set_headroom(req.headroom, now, step))
             self._event(EventKind.HEADROOM, f"memory headroom {old_h:.2f} → {req.headroom:.2f}")
         for pos, enabled in (req.device_enabled or {}).items():
             names = self.engine.device_names()
             name = names[pos] if 0 <= pos < len(names) else f"device {pos}"
-            self._events(self.controller.set_device_enabled(pos, enabled, now, step))
+            self._decision(self.controller.set_device_enabled(pos, enabled, now, step))
             self._event(
                 EventKind.DEVICES, f"{name} {'included' if enabled else 'excluded'} (requested)"
             )
@@ -343,30 +394,38 @@ class Run:
         )
 
     def _forward_backward(self, batch: Any) -> StepOutcome:
+        """Forward + backward of one batch, retried (same batch, gradients cleared) after
+        each out-of-memory or dropped device the controller re-planned around. An
+        out-of-memory counts as recovered only once the batch went through."""
         retries = 0
+        ooms = 0
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                return self.engine.forward_backward(self.step_fn, batch)
+                outcome = self.engine.forward_backward(self.step_fn, batch)
             except OutOfMemory as err:
                 retries += 1
                 if retries > MAX_RETRIES:
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
-                self._events(self.controller.on_oom(err, self._now(), self.step))
-                self.oom_recovered += 1
+                self._decision(self.controller.on_oom(err, self._now(), self.step))
+                ooms += 1
+                continue
             except DeviceFailure as err:
                 retries += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 self.device_failures += 1
-                self._events(self.controller.on_device_failure(err, self._now(), self.step))
+                self._decision(self.controller.on_device_failure(err, self._now(), self.step))
                 if retries > MAX_RETRIES:
                     raise
+                continue
+            self.oom_recovered += ooms
+            return outcome
 
     def _tick(self) -> None:
         now = self._now()
         snap = self.snapshots.latest() if self.snapshots is not None else None
-        self._events(self.controller.tick(now, self.step, snap))
+        self._decision(self.controller.tick(now, self.step, snap))
         names = self.engine.device_names()
         shares = self.controller.shares()
         in_use = [n for n in names if shares.get(n, 0.0) > 0] or names
@@ -412,21 +471,17 @@ class Run:
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._interrupts += 1
-        if self._interrupts >= 2 and not self._in_optimizer_step:
+        if self._interrupts >= 2 and not (self._in_optimizer_step or self._finishing):
             raise KeyboardInterrupt
         self.control.stop()
 
     def execute(self) -> RunReport:
         """Run to the end in the calling thread and return the report."""
-        global _active
-        with _active_lock:
-            if _active is not None and _active is not self:
-                raise UsageError(
-                    f"another adaptive_nb run ({_active.run_id}, step {_active.step}) is "
-                    "still running in this kernel: stop it with `%adaptive stop` (or "
-                    "run.control.stop()) and wait for it to finish."
-                )
-            _active = self
+        try:
+            _claim(self)
+        except UsageError:
+            self._abandon()
+            raise
         old_handler: Any = None
         install = self.handle_interrupt and threading.current_thread() is threading.main_thread()
         try:
@@ -441,9 +496,16 @@ class Run:
             try:
                 self.engine.close()
             finally:
-                with _active_lock:
-                    _active = None
+                _release(self)
                 self._done.set()
+
+    def _abandon(self) -> None:
+        """The run will never execute: release what it holds and mark it done."""
+        self.ended = "not started"
+        try:
+            self.engine.close()
+        finally:
+            self._done.set()
 
     def _execute(self) -> RunReport:
         model = self.engine.prepare(self.model)
@@ -474,10 +536,14 @@ class Run:
                 own0 = clock()
                 if self.control.paused and not self.control.stopped:
                     self._observers.call("on_progress", self._progress(paused=True))
+                    pause0, pause0_real = self._now(), clock()
                     while self.control.paused and not self.control.stopped:
                         self.control.wait_while_paused(0.1)
                         self._apply_requests()
                     last_t = self._now()
+                    self._paused_s += last_t - pause0
+                    self._paused_real_s += clock() - pause0_real
+                    own0 = clock()  # waiting while paused is neither training nor overhead
                 if self.control.stopped:
                     self.ended = "interrupted" if self._interrupts else "stopped"
                     break
@@ -490,12 +556,12 @@ class Run:
                     break
                 batch = move_to(batch, primary)
                 outcome = self._forward_backward(batch)
-                self._in_optimizer_step = True
+                self._in_optimizer_step = True  # a second Ctrl-C waits until it is counted
                 self.optimizer.step()
-                self._in_optimizer_step = False
-                own0 = clock()
                 self.step += 1
                 self.samples += outcome.samples
+                self._in_optimizer_step = False
+                own0 = clock()
                 self._last_loss = outcome.loss
                 self.controller.observe(outcome)
                 now = self._now()
@@ -540,6 +606,7 @@ class Run:
         return self._finish()
 
     def _finish(self, error: BaseException | None = None) -> RunReport:
+        self._finishing = True
         if error is not None and not isinstance(error, UsageError):
             self._event(
                 EventKind.ERROR, f"{type(error).__name__}: {error} (after step {self.step})"
@@ -550,26 +617,24 @@ class Run:
             log.debug("final tick failed: %s", exc)
         self._event(EventKind.END, f"{self.ended} after {self.step} steps")
         wall = self._now()
-        real_wall = time.perf_counter() - self._wall_real0
+        training_s = wall - self._paused_s
+        real_wall = time.perf_counter() - self._wall_real0 - self._paused_real_s
         names_end = [n for n, s in self.controller.shares().items() if s > 0] or list(
             self.engine.device_names()
         )
         summary: dict[str, Any] = {
             "ended": self.ended,
             "steps": self.step,
-            "epochs_started": self.epoch + 1 if self.step else 0,
+            "epochs_started": self._epochs_started,
             "samples": self.samples,
             "wall_s": round(wall, 4),
-            "samples_per_s": round(self.samples / wall, 3) if wall > 0 else 0.0,
+            "paused_s": round(self._paused_s, 4),
+            "samples_per_s": round(self.samples / training_s, 3) if training_s > 0 else 0.0,
             "final_loss": float(self._last_loss) if self._last_loss is not None else None,
             "devices": names_end,
             "policy": self.controller.policy,
             "simulated": self.engine.simulated,
-            "reallocations": sum(
-                1
-                for e in self.events
-                if e.kind in (EventKind.REALLOCATE, EventKind.DEVICES, EventKind.THREADS)
-            ),
+            "reallocations": self.reallocations,
             "oom_recovered": self.oom_recovered,
             "device_failures": self.device_failures,
             "controller_overhead_pct": round(100 * self._own_s / real_wall, 3)
@@ -622,11 +687,9 @@ def _prepare(
     if not control_interval > 0:
         raise UsageError(f"control_interval must be positive, got {control_interval}.")
     spec = parse_devices(devices)
-    if _active is not None:
-        raise UsageError(
-            f"another adaptive_nb run ({_active.run_id}, step {_active.step}) is still running "
-            "in this kernel: stop it with `%adaptive stop` and wait for it to finish."
-        )
+    busy = _active
+    if busy is not None:  # early, friendly check; the slot is claimed atomically later
+        raise UsageError(_busy_message(busy))
     engine, controller, snapshots = _build_backend(
         spec, policy=policy, headroom=float(headroom), control_interval=control_interval
     )
@@ -685,6 +748,15 @@ def train(
     shares; CPU threads), ``"weights"`` (all devices, shares adapt) or ``"static"`` (equal
     split, nothing adapts). ``headroom``: fraction of each GPU's memory kept free.
 
+    The loss must be the *mean* over the batch's samples (PyTorch's default
+    ``reduction="mean"``). When a batch does not fit the devices' memory it is run as
+    micro-batches with gradient accumulation, each micro-batch's loss weighted by its share
+    of the samples, which gives exactly the full-batch gradient for a mean loss. A summed
+    loss (``reduction="sum"``) would have its gradient scaled down by the number of
+    micro-batches then; a batch-level loss that is not a per-sample average (e.g.
+    contrastive losses over the whole batch) is only approximated. Across GPUs the loss is
+    computed on the gathered output, so the split alone never changes the gradient.
+
     Raises :class:`~adaptive_nb.errors.UsageError` for bad input before anything runs.
     A Ctrl-C / kernel interrupt stops at the next step boundary and raises
     ``KeyboardInterrupt``; the partial report is on the exception's run
@@ -717,10 +789,13 @@ def start(step: StepFn, **kwargs: Any) -> Run:
     """Like :func:`train` but runs on a background thread and returns the :class:`Run` at
     once; ``run.wait()`` returns the report, ``run.control`` pauses/stops it."""
     run = _prepare(step, handle_interrupt=False, **_with_defaults(kwargs))
-    global _last, _active
+    try:
+        _claim(run)  # before the thread starts, so that no second run can slip in
+    except UsageError:
+        run._abandon()
+        raise
+    global _last
     _last = run
-    with _active_lock:
-        _active = run  # claim the slot before the thread starts
 
     def target() -> None:
         try:
@@ -729,7 +804,12 @@ def start(step: StepFn, **kwargs: Any) -> Run:
             run._error = exc
 
     run._thread = threading.Thread(target=target, name=f"adaptive_nb-{run.run_id}", daemon=True)
-    run._thread.start()
+    try:
+        run._thread.start()
+    except BaseException:
+        _release(run)
+        run._abandon()
+        raise
     return run
 
 
