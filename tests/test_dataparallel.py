@@ -4,14 +4,16 @@ recovery on CUDA (marked ``gpu``, skipped without a device)."""
 from __future__ import annotations
 
 import copy
-from collections import namedtuple
+from collections import deque, namedtuple
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from adaptive_nb.engine.base import OutOfMemory
+import adaptive_nb
+from adaptive_nb.engine.base import DeviceFailure, OutOfMemory
 from adaptive_nb.engine.dataparallel import (
     DataParallelEngine,
     WeightedDataParallel,
@@ -69,6 +71,107 @@ def test_chunk_plan_leaves_out_zero_shares_and_keeps_the_primary() -> None:
     dp.set_plan([0.5, 0.0, 0.5], [None, None, 3])
     positions, sizes = dp.chunk_plan(10)
     assert positions == [0, 2] and sizes == [7, 3]
+
+
+class _Recorder:
+    """Stands in for the CUDA parts of ``nn.DataParallel.forward`` on the CPU."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.chunks: list[list[int]] = []
+
+    def scatter(
+        self, devices: Sequence[int], sizes: Sequence[int], dim: int, t: torch.Tensor
+    ) -> list[torch.Tensor]:
+        self.chunks.append(list(sizes))
+        return list(torch.split(t, list(sizes), dim=dim))
+
+    def replicate(self, module: nn.Module, ids: Sequence[int]) -> list[Any]:
+        self.calls.append(f"replicate {list(ids)}")
+        return [module for _ in ids]
+
+    def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Any, kwargs: Any) -> list[Any]:
+        self.calls.append("apply")
+        return [r(*i, **k) for r, i, k in zip(replicas, inputs, kwargs, strict=True)]
+
+    def gather(self, outputs: Sequence[torch.Tensor], dev: int) -> Any:
+        self.calls.append("gather")
+        return torch.cat(list(outputs))
+
+
+def test_forward_times_each_device_between_scatter_and_gather(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The real DataParallel.forward flow with its CUDA steps stubbed: the weighted scatter
+    picks the devices, and each device's timing marks bracket only its replica's forward
+    (gather's cross-device copies make every device wait for the slowest)."""
+    rec = _Recorder()
+    monkeypatch.setattr("adaptive_nb.engine.dataparallel._torch_scatter", rec.scatter)
+    monkeypatch.setattr(nn.DataParallel, "replicate", rec.replicate)
+    monkeypatch.setattr(nn.DataParallel, "parallel_apply", rec.parallel_apply)
+    monkeypatch.setattr(nn.DataParallel, "gather", rec.gather)
+    torch.manual_seed(0)
+    inner = nn.Linear(3, 2)
+    dp = WeightedDataParallel(inner, [0, 1, 2])
+    # what nn.DataParallel.__init__ sets up when CUDA is present
+    dp.device_ids, dp.dim, dp.output_device = [0, 1, 2], 0, 0
+    dp.src_device_obj = torch.device("cpu")
+    dp.on_forward = lambda ids, phase: rec.calls.append(f"{phase} {ids}")
+    x = torch.randn(10, 3)
+
+    dp.set_plan([0.5, 0.0, 0.5])
+    out = dp(x)
+    torch.testing.assert_close(out, inner(x))
+    assert rec.chunks[-1] == [5, 5]
+    assert rec.calls == ["replicate [0, 2]", "start [0, 2]", "apply", "end [0, 2]", "gather"]
+    assert dp.step_chunks == [5, 0, 5]
+
+    rec.calls.clear()
+    dp.set_plan([1.0, 0.0, 0.0])  # one device: the module is called directly
+    torch.testing.assert_close(dp(x), inner(x))
+    assert rec.calls == ["start [0]", "end [0]"]
+    assert dp.device_ids == [0]
+
+
+def _cpu_engine(ids: Sequence[int]) -> DataParallelEngine:
+    engine = object.__new__(DataParallelEngine)  # the CUDA checks of __init__ skipped
+    engine.device_ids = list(ids)
+    engine._pending = deque()
+    engine._forward_events = []
+    return engine
+
+
+def test_errors_of_the_users_code_are_not_device_failures() -> None:
+    engine = _cpu_engine([0, 1])
+    user_errors = [
+        RuntimeError(
+            "Caught RuntimeError in replica 1 on device 1.\nOriginal Traceback:\n"
+            "RuntimeError: Expected all tensors to be on the same device, but found at least "
+            "two devices, cuda:1 and cuda:0!"
+        ),
+        RuntimeError(
+            "Expected all tensors to be on the same device, but found at least two devices, "
+            "cuda:0 and cpu! (when checking argument for argument mat1)"
+        ),
+        RuntimeError(
+            "Caught AcceleratorError in replica 1 on device 1.\nOriginal Traceback:\n"
+            "torch.AcceleratorError: CUDA error: device-side assert triggered"
+        ),
+        ValueError("labels out of memory range on cuda:0"),
+    ]
+    for exc in user_errors:
+        assert engine._translate(exc) is exc, exc
+
+    broken = RuntimeError(
+        "Caught AcceleratorError in replica 1 on device 1.\nOriginal Traceback:\n"
+        "torch.AcceleratorError: CUDA error: unspecified launch failure"
+    )
+    failure = engine._translate(broken)
+    assert isinstance(failure, DeviceFailure) and failure.device == 1
+    oom = engine._translate(
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has")
+    )
+    assert isinstance(oom, OutOfMemory) and oom.device == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
@@ -134,7 +237,7 @@ def test_micro_batches_on_gpu_give_the_same_gradient() -> None:
     engine.prepare(model)
     engine.apply_plan(Plan((0,), (1.0,), 3, 96))
     out = engine.forward_backward(_loss, (x, y))
-    assert out.micro_batches in (1, 3)
+    assert out.micro_batches == 3
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert a.grad is not None and b.grad is not None
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
@@ -163,3 +266,118 @@ def test_out_of_memory_on_a_real_device_is_recovered() -> None:
     torch.cuda.synchronize()
     out = engine.forward_backward(_loss, (x, y))
     assert out.device_time_s and out.device_batch.get(0) == 96
+
+
+def _plain_gpu_loop(model: nn.Module, opt: torch.optim.Optimizer, batches: list[Any]) -> None:
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        _loss(model, (x.cuda(0), y.cuda(0))).backward()
+        opt.step()
+
+
+def _batches(k: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = _batch(96 * k)
+    return [(x[i : i + 96], y[i : i + 96]) for i in range(0, 96 * k, 96)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["adaptive", "static"])
+def test_train_on_gpu_0_equals_a_plain_loop(policy: str) -> None:
+    data = _batches()
+    ref = _model().cuda(0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    _plain_gpu_loop(ref, ref_opt, data)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    report = adaptive_nb.train(
+        _loss, model=model, optimizer=opt, data=data, devices="0", policy=policy
+    )
+    assert report.summary["steps"] == len(data) and report.summary["samples"] == 96 * len(data)
+    assert report.summary["devices"] == [engine_name(0)]
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert a.device == torch.device("cuda", 0)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def engine_name(index: int) -> str:
+    return f"GPU {index} ({torch.cuda.get_device_name(index)})"
+
+
+@pytest.mark.gpu
+def test_out_of_memory_in_a_run_on_a_real_gpu_retries_the_same_batch() -> None:
+    data = _batches()
+    ref = _model().cuda(0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    _plain_gpu_loop(ref, ref_opt, data)
+    total = torch.cuda.get_device_properties(0).total_memory
+    calls = 0
+
+    def greedy_once(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        loss = _loss(m, batch)
+        if calls == 3:  # the third step's forward asks for twice the GPU's memory
+            hog = torch.empty(int(total * 2) // 4, dtype=torch.float32, device="cuda:0")
+            loss = loss + hog[:1].sum() * 0
+        return loss
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    report = adaptive_nb.train(greedy_once, model=model, optimizer=opt, data=data, devices="0")
+    s = report.summary
+    assert s["steps"] == len(data) and s["oom_recovered"] == 1 and s["ended"] == "completed"
+    assert any(e.kind == "oom" for e in report.events)
+    # the batch was retried (split into micro-batches), never skipped or applied twice
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_users_cuda_mistake_reaches_the_user_unchanged() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().cpu().clone() for p in model.parameters()]
+
+    def wrong_device(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(m(x) + torch.ones(1, 4), y)  # CPU tensor
+
+    with pytest.raises(RuntimeError, match="same device") as err:
+        adaptive_nb.train(wrong_device, model=model, optimizer=opt, data=_batches(2), devices="0")
+    assert not isinstance(err.value, DeviceFailure)
+    run = adaptive_nb.last_run()
+    assert run is not None and run.report is not None
+    assert run.report.summary["steps"] == 0 and run.report.summary["device_failures"] == 0
+    for a, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(a.detach().cpu(), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="an uneven split over GPUs needs two or more GPUs"
+)
+def test_uneven_shares_on_two_gpus_place_and_time_each_chunk() -> None:
+    ref = _model().cuda(0)
+    x, y = (t.cuda(0) for t in _batch())
+    _loss(ref, (x, y)).backward()
+    model = copy.deepcopy(ref)
+    model.zero_grad(set_to_none=True)
+    engine = DataParallelEngine([0, 1])
+    engine.prepare(model)
+    seen: dict[int, int] = {}
+    model[0].register_forward_hook(
+        lambda _m, inp, _o: seen.__setitem__(inp[0].device.index, inp[0].shape[0])
+    )
+    engine.apply_plan(Plan((0, 1), (0.75, 0.25), 1, 96))
+    engine.forward_backward(_loss, (x, y))
+    assert seen == {0: 72, 1: 24}
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        engine.forward_backward(_loss, (x, y))
+    torch.cuda.synchronize()
+    out = engine.forward_backward(_loss, (x, y))
+    assert out.device_batch == {0: 72, 1: 24}
+    assert set(out.device_time_s) == {0, 1} and all(t > 0 for t in out.device_time_s.values())

@@ -72,13 +72,16 @@ def scatter_weighted(
     devices: Sequence[int],
     sizes: Sequence[int],
     dim: int = 0,
-    scatter: ScatterFn = _torch_scatter,
+    scatter: ScatterFn | None = None,
 ) -> list[Any]:
     """Split every tensor of a nested tuple/list/dict/namedtuple into ``sizes`` chunks
-    placed on ``devices``; non-tensors are repeated. Returns one structure per device.
+    placed on ``devices`` (with ``torch.nn.parallel``'s ``Scatter`` unless ``scatter`` is
+    given); non-tensors are repeated. Returns one structure per device.
     A tensor whose size along ``dim`` is not ``sum(sizes)`` is a usage error (it cannot be
     split with the batch)."""
     total = int(sum(sizes))
+    if scatter is None:
+        scatter = _torch_scatter
 
     def scatter_map(x: Any) -> list[Any]:
         if isinstance(x, torch.Tensor):
@@ -100,6 +103,13 @@ def scatter_weighted(
         return [x for _ in devices]
 
     return scatter_map(obj)
+
+
+_DEVICE_ERROR = re.compile(r"CUDA error|CUDA driver error|AcceleratorError")
+# Raised by the user's own code (bad labels, out-of-range indices), not by a broken device:
+# the user's exception must reach them unchanged.
+_USER_CUDA_ERROR = re.compile(r"device-side assert")
+_OOM = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def device_of_error(message: str) -> int | None:
@@ -130,7 +140,10 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         self.shares: list[float] = [1.0 / n] * n
         self.caps: list[int | None] = [None] * n
         self.step_chunks: list[int] = [0] * n  # samples per position since last reset
+        # on_forward(ids, "start"|"end") brackets each device's share of the forward pass;
+        # the engine records CUDA events there (see DataParallelEngine).
         self.on_forward: Callable[[list[int], str], None] | None = None
+        self._timed_alone = False
 
     def set_plan(self, shares: Sequence[float], caps: Sequence[int | None] | None = None) -> None:
         self.shares = [float(s) for s in shares]
@@ -145,6 +158,7 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
     def scatter(  # type: ignore[override]
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, device_ids: Sequence[int]
     ) -> tuple[tuple[Any, ...], tuple[dict[str, Any], ...]]:
+        self._timed_alone = False
         size = first_batch_size((inputs, kwargs or {}), self.dim)
         if size is None:
             self.device_ids = self.all_device_ids[:1]
@@ -154,7 +168,9 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         self.device_ids = ids  # forward's replicate / parallel_apply follow this
         for p, s in zip(positions, sizes, strict=True):
             self.step_chunks[p] += s
-        if self.on_forward is not None:
+        if len(ids) == 1 and self.on_forward is not None:
+            # one device: DataParallel.forward calls the module directly, no parallel_apply
+            self._timed_alone = True
             self.on_forward(ids, "start")
         scattered_in = scatter_weighted(inputs, ids, sizes, self.dim) if inputs else []
         scattered_kw = scatter_weighted(kwargs, ids, sizes, self.dim) if kwargs else []
@@ -164,9 +180,25 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
             scattered_kw.extend({} for _ in range(len(scattered_in) - len(scattered_kw)))
         return tuple(scattered_in), tuple(scattered_kw)
 
+    def parallel_apply(
+        self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any
+    ) -> list[Any]:
+        """Each replica's forward, bracketed per device *after* scatter and replicate and
+        *before* gather: gather's cross-device copies make every device's stream wait for
+        the others (two-way barrier), so an end mark after it would give each device the
+        time of the slowest one."""
+        ids = list(self.device_ids[: len(replicas)])
+        if self.on_forward is not None:
+            self.on_forward(ids, "start")
+        outputs: list[Any] = super().parallel_apply(replicas, inputs, kwargs)
+        if self.on_forward is not None:
+            self.on_forward(ids, "end")
+        return outputs
+
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         out = super().forward(*inputs, **kwargs)
-        if self.on_forward is not None:
+        if self._timed_alone and self.on_forward is not None:
+            self._timed_alone = False
             self.on_forward(list(self.device_ids), "end")
         return out
 
@@ -322,17 +354,25 @@ class DataParallelEngine(Engine):
         return newest
 
     def _translate(self, exc: BaseException) -> BaseException:
+        """An out-of-memory becomes :class:`OutOfMemory`; a CUDA error that names one of
+        our devices becomes :class:`DeviceFailure`; anything else (the user's own errors,
+        even those that mention ``cuda:0``) is returned unchanged, to be re-raised."""
         msg = str(exc)
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg
         self._pending.clear()
         self._forward_events = []
-        if oom:
+        if not isinstance(exc, RuntimeError):
+            return exc
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or _OOM.search(msg):
             self._free()
             return OutOfMemory(
                 msg.splitlines()[0] if msg else "CUDA out of memory",
                 device=self.position_of(device_of_error(msg)),
             )
-        if isinstance(exc, RuntimeError) and ("CUDA" in msg or "cuda" in msg):
+        accelerator_error = getattr(torch, "AcceleratorError", None)
+        broken = (accelerator_error is not None and isinstance(exc, accelerator_error)) or bool(
+            _DEVICE_ERROR.search(msg)
+        )
+        if broken and not _USER_CUDA_ERROR.search(msg):
             pos = self.position_of(device_of_error(msg))
             if pos is not None:
                 self._free()
