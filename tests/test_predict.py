@@ -113,3 +113,25 @@ def test_mape() -> None:
     m.add(1.1, 1.0)
     m.add(0.9, 1.0)
     assert m.value_pct() == pytest.approx(10.0)
+
+
+def test_rls_closed_form_solve_agrees_with_elimination() -> None:
+    from adaptive_nb.predict.rls import _solve, _solve_small
+
+    rng = random.Random(3)
+    for n in (1, 2, 3):
+        for _ in range(500):
+            m = [[rng.gauss(0, 1) for _ in range(n)] for _ in range(n)]
+            a2 = [
+                [
+                    sum(m[k][i] * m[k][j] for k in range(n)) + (1e-3 if i == j else 0.0)
+                    for j in range(n)
+                ]
+                for i in range(n)
+            ]
+            b = [rng.gauss(0, 1) for _ in range(n)]
+            x1, x2 = _solve(a2, list(b)), _solve_small(a2, b)
+            scale = max(1.0, *(abs(v) for v in x1))
+            assert max(abs(p - q) for p, q in zip(x1, x2, strict=True)) < 1e-8 * scale
+    singular = [[1.0, 2.0], [2.0, 4.0]]
+    assert _solve_small(singular, [1.0, 2.0]) == _solve(singular, [1.0, 2.0])

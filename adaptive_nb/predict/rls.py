@@ -43,15 +43,18 @@ class RegularizedRLS:
         lam = self.forgetting
         n = self.n
         a = self.info
+        prior = self.prior_info
         for i in range(n):
             row = a[i]
+            xi = x[i]
             for j in range(n):
-                row[j] = lam * row[j] + x[i] * x[j]
-            row[i] += (1.0 - lam) * self.prior_info[i]
-        err = y - self.predict(x)
-        gain = _solve(a, list(x))
+                row[j] = lam * row[j] + xi * x[j]
+            row[i] += (1.0 - lam) * prior[i]
+        theta = self.theta
+        err = y - sum(t * v for t, v in zip(theta, x, strict=True))
+        gain = _solve_small(a, x) if n <= 3 else _solve(a, list(x))
         for i in range(n):
-            self.theta[i] += gain[i] * err
+            theta[i] += gain[i] * err
         self.updates += 1
         return err
 
@@ -60,6 +63,36 @@ def _diag(values: Sequence[float]) -> list[list[float]]:
     return [
         [float(values[i]) if i == j else 0.0 for j in range(len(values))]
         for i in range(len(values))
+    ]
+
+
+def _solve_small(a: list[list[float]], b: Sequence[float]) -> list[float]:
+    """``a·x = b`` by Cramer's rule for n ≤ 3 (the step-time and memory models run this
+    every step; a general elimination costs several times more in Python). Falls back to
+    :func:`_solve` when ``a`` is (nearly) singular."""
+    n = len(b)
+    if n == 1:
+        d = a[0][0]
+        return [b[0] / d] if abs(d) > 1e-300 else [0.0]
+    if n == 2:
+        (p, q), (r, t) = a
+        det = p * t - q * r
+        if abs(det) <= 1e-12 * (abs(p * t) + abs(q * r)):
+            return _solve(a, list(b))
+        return [(b[0] * t - q * b[1]) / det, (p * b[1] - r * b[0]) / det]
+    (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = a
+    c00 = a11 * a22 - a12 * a21
+    c01 = a12 * a20 - a10 * a22
+    c02 = a10 * a21 - a11 * a20
+    det = a00 * c00 + a01 * c01 + a02 * c02
+    scale = abs(a00 * c00) + abs(a01 * c01) + abs(a02 * c02)
+    if abs(det) <= 1e-12 * scale or scale == 0.0:
+        return _solve(a, list(b))
+    b0, b1, b2 = b
+    return [
+        (b0 * c00 + b1 * (a02 * a21 - a01 * a22) + b2 * (a01 * a12 - a02 * a11)) / det,
+        (b0 * c01 + b1 * (a00 * a22 - a02 * a20) + b2 * (a02 * a10 - a00 * a12)) / det,
+        (b0 * c02 + b1 * (a01 * a20 - a00 * a21) + b2 * (a00 * a11 - a01 * a10)) / det,
     ]
 
 
