@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adaptive_nb.engine.base import StepOutcome
@@ -135,3 +136,47 @@ def test_restore_puts_the_original_count_back() -> None:
     assert t.n == 1
     ctl.restore()
     assert t.n == 2
+
+
+def test_external_load_is_measured_on_the_whole_machine_under_a_cpu_quota() -> None:
+    # a container with a 4-core quota on a 64-CPU host: our 400 % is 6.25 % of the machine
+    def on_host(cpu_pct: float) -> Snapshot:
+        snap = host(cpu_pct=cpu_pct, proc_pct=400, cores=4)
+        h = snap.host
+        return Snapshot(
+            t=0.0,
+            host=HostSample(
+                cpu_pct=h.cpu_pct,
+                per_core_pct=(cpu_pct,) * 64,
+                ram_used_mb=h.ram_used_mb,
+                ram_available_mb=h.ram_available_mb,
+                ram_total_mb=h.ram_total_mb,
+                proc_cpu_pct=h.proc_cpu_pct,
+                proc_rss_mb=h.proc_rss_mb,
+                cpu_cores=h.cpu_cores,
+            ),
+        )
+
+    t = FakeThreads(4)
+    ctl = ThreadController(cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    drive(ctl, t, {1: 100.0, 2: 190.0, 4: 360.0}, 20)
+    probes = ctl.probes
+    ctl.tick(20.0, 20, on_host(6.25))  # only us: external 0 %
+    events = ctl.tick(21.0, 21, on_host(60.0))  # other jobs take half the machine
+    events += ctl.tick(22.0, 22, on_host(60.0))
+    assert ctl.probes == probes + 1
+    assert any(e.kind == EventKind.NOTICE and "re-probing" in e.detail for e in events)
+
+
+def test_candidates_respect_the_cgroup_cpu_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptive_nb.monitor import host as host_mod
+
+    monkeypatch.setattr(
+        host_mod, "read_cgroup_limits", lambda *a, **k: host_mod.CgroupLimits(2, None, 3.5)
+    )
+    monkeypatch.setattr(host_mod, "_affinity_count", lambda: 64)
+    monkeypatch.setattr(host_mod.os, "cpu_count", lambda: 64)
+    t = FakeThreads(64)
+    ctl = ThreadController(window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    drive(ctl, t, {1: 100.0, 2: 190.0, 3: 250.0, 64: 10.0}, 20)
+    assert max(t.history[1:]) == 3  # never more threads than the quota's whole cores

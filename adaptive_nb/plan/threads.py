@@ -7,6 +7,7 @@ load changes. Every decision is an event; when nothing is to be gained it says s
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Callable
@@ -35,10 +36,17 @@ def thread_candidates(cores: int) -> list[int]:
 
 
 def _usable_cores() -> int:
+    """Whole cores this process may use: the CPU affinity set, the container's cgroup CPU
+    quota (``docker --cpus=4`` on a 64-core host: 4) and the logical CPU count."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        from ..monitor.host import _affinity_count, read_cgroup_limits, usable_cores
+
+        return max(1, math.floor(usable_cores(read_cgroup_limits(), _affinity_count())))
+    except Exception:  # pragma: no cover - limits unreadable: affinity, then all CPUs
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:
+            return os.cpu_count() or 1
 
 
 class ThreadController(Controller):
@@ -204,8 +212,10 @@ class ThreadController(Controller):
 
     def _watch_load(self, snap: Snapshot) -> None:
         host = snap.host
-        cores = max(host.cpu_cores, 1.0)
-        ours = host.proc_cpu_pct / cores  # % of the whole machine
+        # cpu_pct is over every logical CPU of the machine, so our share of it is too (not
+        # of the cores we may use: under a quota of 4 on 64 CPUs, 400 % is 6 % of the machine)
+        logical = float(len(host.per_core_pct)) or max(host.cpu_cores, 1.0)
+        ours = host.proc_cpu_pct / logical  # % of the whole machine
         external = max(0.0, host.cpu_pct - ours)
         if self._probe_load is None:
             self._probe_load = external
