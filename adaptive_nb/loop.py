@@ -9,6 +9,7 @@ measurement. Every ``control_interval`` seconds (engine clock) the controller re
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import threading
@@ -156,6 +157,17 @@ def _default_monitor() -> SnapshotSource | None:
     except Exception as exc:  # monitoring is optional for training
         log.warning("adaptive_nb: monitoring unavailable (%s); training continues.", exc)
         return None
+
+
+def _align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Move optimizer state (e.g. Adam moments from an earlier CPU run) to the device its
+    parameter now lives on; scalar entries such as Adam's ``step`` stay where they are."""
+    for param, state in optimizer.state.items():
+        if not isinstance(param, torch.Tensor):
+            continue
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != param.device:
+                state[key] = value.to(param.device)
 
 
 class _SafeObservers:
@@ -509,6 +521,7 @@ class Run:
 
     def _execute(self) -> RunReport:
         model = self.engine.prepare(self.model)
+        _align_optimizer_state(self.optimizer)
         wrapped_step = self.step_fn
         self.step_fn = lambda _m, b: wrapped_step(model, b)
         self._t0 = self.engine.clock()
@@ -814,23 +827,17 @@ def start(step: StepFn, **kwargs: Any) -> Run:
 
 
 def _with_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
-    defaults: dict[str, Any] = {
-        "epochs": None,
-        "steps": None,
-        "devices": "auto",
-        "policy": "adaptive",
-        "headroom": 0.1,
-        "widget": False,
-        "observers": (),
-        "control": None,
-        "control_interval": 2.0,
-        "names": None,
-        "loss_name": "loss",
+    """``kwargs`` completed with :func:`train`'s defaults (one signature for both)."""
+    params = inspect.signature(train).parameters
+    defaults = {
+        name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty
     }
-    unknown = set(kwargs) - set(defaults) - {"model", "optimizer", "data"}
+    required = {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    required -= set(defaults)
+    unknown = set(kwargs) - set(defaults) - required
     if unknown:
         raise UsageError(f"unknown argument(s) to start(): {', '.join(sorted(unknown))}")
-    missing = {"model", "optimizer", "data"} - set(kwargs)
+    missing = required - set(kwargs)
     if missing:
         raise UsageError(f"start() needs {', '.join(sorted(missing))}.")
     return {**defaults, **kwargs}

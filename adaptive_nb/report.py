@@ -146,6 +146,7 @@ _SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("steps", "Steps"),
     ("samples", "Samples"),
     ("wall_s", "Wall time"),
+    ("paused_s", "Paused"),
     ("samples_per_s", "Throughput (samples/s)"),
     ("final_loss", "Final loss"),
     ("devices", "Devices at the end"),
@@ -195,7 +196,9 @@ def render_html(report: RunReport) -> str:
         if key not in s or s[key] is None:
             continue
         value = s[key]
-        if key == "wall_s":
+        if key in ("wall_s", "paused_s"):
+            if key == "paused_s" and not value:
+                continue
             text = _fmt_s(value)
         elif key == "devices":
             text = ", ".join(str(d) for d in value)

@@ -299,6 +299,18 @@ def test_train_on_gpu_0_equals_a_plain_loop(policy: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_adam_state_from_a_cpu_run_follows_the_model_to_the_gpu() -> None:
+    data = _batches()
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    adaptive_nb.train(_loss, model=model, optimizer=opt, data=data[:2], devices="cpu")
+    report = adaptive_nb.train(_loss, model=model, optimizer=opt, data=data[:2], devices="0")
+    assert report.summary["steps"] == 2
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].device == p.device == torch.device("cuda", 0)
+
+
 def engine_name(index: int) -> str:
     return f"GPU {index} ({torch.cuda.get_device_name(index)})"
 
