@@ -180,3 +180,14 @@ def test_candidates_respect_the_cgroup_cpu_quota(monkeypatch: pytest.MonkeyPatch
     ctl = ThreadController(window=2, warmup=0, set_threads=t.set, get_threads=t.get)
     drive(ctl, t, {1: 100.0, 2: 190.0, 3: 250.0, 64: 10.0}, 20)
     assert max(t.history[1:]) == 3  # never more threads than the quota's whole cores
+
+
+def test_a_clearly_slower_candidate_is_dropped_after_two_steps() -> None:
+    t = FakeThreads(2)
+    ctl = ThreadController(cores=2, window=6, warmup=0, set_threads=t.set, get_threads=t.get)
+    steps_at = {1: 0, 2: 0}
+    for _ in range(12):
+        steps_at[t.n] += 1
+        ctl.observe(outcome({1: 100.0, 2: 300.0}[t.n]))
+    assert steps_at[1] == 2  # not a full window of 6 at a third of the speed
+    assert t.n == 2 and ctl.threads() == 2

@@ -65,6 +65,7 @@ class ThreadController(Controller):
         warmup: int = 1,
         min_gain: float = 0.05,
         load_change_pct: float = 25.0,
+        early_stop: float = 0.75,
         set_threads: Callable[[int], None] = torch.set_num_threads,
         get_threads: Callable[[], int] = torch.get_num_threads,
     ) -> None:
@@ -74,6 +75,7 @@ class ThreadController(Controller):
         self._warmup = max(0, warmup)
         self._min_gain = min_gain
         self._load_change = load_change_pct
+        self._early_stop = early_stop
         self._set = set_threads
         self._get = get_threads
         self.original_threads = get_threads()
@@ -102,10 +104,18 @@ class ThreadController(Controller):
             return
         if outcome.wall_s > 0:
             self._window_rates.append(outcome.samples / outcome.wall_s)
-        if len(self._window_rates) >= self._window:
+        if len(self._window_rates) >= self._window or self._clearly_slower():
             self._results[self._current] = statistics.median(self._window_rates)
             self._window_rates = []
             self._advance()
+
+    def _clearly_slower(self) -> bool:
+        """A candidate whose first steps all run far slower than the held count is not
+        worth a full window (probing costs training time)."""
+        held = self._results.get(self._held)
+        if held is None or self._current == self._held or len(self._window_rates) < 2:
+            return False
+        return max(self._window_rates) < self._early_stop * held
 
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
         self._now, self._step = now, step
