@@ -30,6 +30,7 @@ from .events import Event, EventKind, Observer, Progress, RunInfo, TickRecord
 from .monitor.snapshot import Snapshot
 from .plan.base import Controller, NullController
 from .plan.threads import ThreadController
+from .progress_text import TextProgress
 from .report import RunReport
 from .validate import DeviceSpec, check_counts, check_inputs, check_policy, parse_devices
 
@@ -751,6 +752,7 @@ def train(
     control_interval: float = 2.0,
     names: Mapping[str, str] | None = None,
     loss_name: str = "loss",
+    progress: bool = False,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -771,10 +773,15 @@ def train(
     computed on the gathered output, so the split alone never changes the gradient.
 
     Raises :class:`~adaptive_nb.errors.UsageError` for bad input before anything runs.
+    ``progress=True`` prints a one-line text progress (step, samples/s, ETA, loss) and
+    each decision; ``widget=True`` shows the live dashboard in a notebook instead.
+
     A Ctrl-C / kernel interrupt stops at the next step boundary and raises
     ``KeyboardInterrupt``; the partial report is on the exception's run
     (``adaptive_nb.last_run().report``).
     """
+    if progress:
+        observers = [*observers, TextProgress()]
     run = _prepare(
         step,
         model=model,
@@ -801,7 +808,10 @@ def train(
 def start(step: StepFn, **kwargs: Any) -> Run:
     """Like :func:`train` but runs on a background thread and returns the :class:`Run` at
     once; ``run.wait()`` returns the report, ``run.control`` pauses/stops it."""
-    run = _prepare(step, handle_interrupt=False, **_with_defaults(kwargs))
+    opts = _with_defaults(kwargs)
+    if opts.pop("progress"):
+        opts["observers"] = [*opts["observers"], TextProgress()]
+    run = _prepare(step, handle_interrupt=False, **opts)
     try:
         _claim(run)  # before the thread starts, so that no second run can slip in
     except UsageError:

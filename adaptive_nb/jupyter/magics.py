@@ -89,7 +89,9 @@ class AdaptiveMagics(Magics):
         help="fraction of each GPU's memory kept free, 0 <= FRAC < 1 (default 0.1)",
     )
     @argument("--interval", type=float, default=2.0, metavar="S", help="control tick (s)")
-    @argument("--no-widget", action="store_true", help="no live dashboard (text only)")
+    @argument(
+        "--no-widget", action="store_true", help="no live dashboard: a text progress line instead"
+    )
     @argument(
         "--background",
         action="store_true",
@@ -196,6 +198,9 @@ class AdaptiveMagics(Magics):
             "policy": args.policy,
             "headroom": args.headroom,
             "widget": not args.no_widget,
+            # text progress instead of the dashboard (not from a background thread, whose
+            # prints would land in whichever cell runs at the time)
+            "progress": args.no_widget and not args.background,
             "control_interval": args.interval,
             "names": names,
             "loss_name": loss_name,
