@@ -11,7 +11,14 @@ from typing import Any
 
 import nbformat
 import pytest
-from lab_session import LabServer, browser_page, chromium_missing, open_notebook, run_command
+from lab_session import (
+    TINY_TRAINING_SETUP,
+    LabServer,
+    browser_page,
+    chromium_missing,
+    open_notebook,
+    run_command,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -24,13 +31,7 @@ BUILD = REPO / "build"
 
 CELLS = [
     "%load_ext adaptive_nb",
-    """\
-import torch
-from torch import nn
-torch.manual_seed(0)
-net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
-opt = torch.optim.SGD(net.parameters(), lr=0.05)
-data = [(torch.randn(64, 32), torch.randint(0, 4, (64,))) for _ in range(50)]""",
+    TINY_TRAINING_SETUP,
     """\
 %%adaptive_train --model net --optimizer opt --data data --steps 4000 --interval 0.25
 import time

@@ -14,7 +14,14 @@ from typing import Any
 
 import nbformat
 import pytest
-from lab_session import LabServer, browser_page, chromium_missing, run_command, wait_kernel_idle
+from lab_session import (
+    TINY_TRAINING_SETUP,
+    LabServer,
+    browser_page,
+    chromium_missing,
+    run_command,
+    wait_kernel_idle,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -28,13 +35,7 @@ BUILT_EXTENSION = REPO / "adaptive_nb" / "labextension"
 
 CELLS = [
     "%load_ext adaptive_nb",
-    """\
-import torch
-from torch import nn
-torch.manual_seed(0)
-net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
-opt = torch.optim.SGD(net.parameters(), lr=0.05)
-data = [(torch.randn(64, 32), torch.randint(0, 4, (64,))) for _ in range(50)]""",
+    TINY_TRAINING_SETUP,
     """\
 %%adaptive_train --model net --optimizer opt --data data --steps 20000 --no-widget
 import time
