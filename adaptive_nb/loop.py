@@ -134,6 +134,7 @@ def _build_backend(
         return engine, controller, source
     monitor = _default_monitor()
     if spec.kind == "gpu":
+        _tell_monitor_cuda_uuids(monitor)
         allocation = import_module("adaptive_nb.plan.allocation")
         engine, controller = allocation.build_gpu_run(
             list(spec.gpu_ids),
@@ -147,6 +148,21 @@ def _build_backend(
         NullController() if policy == "static" else ThreadController(policy=policy)
     )
     return CpuEngine(), cpu_controller, monitor
+
+
+def _tell_monitor_cuda_uuids(monitor: object) -> None:
+    """Map NVML devices to torch indices by UUID (exact under any CUDA_DEVICE_ORDER)."""
+    setter = getattr(monitor, "set_cuda_uuids", None)
+    if setter is None:
+        return
+    try:
+        uuids = [
+            str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())
+        ]
+    except Exception as exc:  # an old driver without UUIDs: keep the CUDA_VISIBLE_DEVICES map
+        log.debug("torch device UUIDs unavailable: %s", exc)
+        return
+    setter(uuids)
 
 
 def _default_monitor() -> SnapshotSource | None:

@@ -393,3 +393,18 @@ def test_uneven_shares_on_two_gpus_place_and_time_each_chunk() -> None:
     out = engine.forward_backward(_loss, (x, y))
     assert out.device_batch == {0: 72, 1: 24}
     assert set(out.device_time_s) == {0, 1} and all(t > 0 for t in out.device_time_s.values())
+
+
+@pytest.mark.gpu
+def test_monitor_maps_the_training_gpu_by_uuid() -> None:
+    from adaptive_nb.monitor import default_monitor
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    adaptive_nb.train(_loss, model=model, optimizer=opt, data=_batches()[:2], devices="0")
+    snap = default_monitor().sample_now()
+    indices = {g.index for g in snap.gpus}
+    assert 0 in indices, f"no NVML device mapped to torch index 0: {snap.gpus}"
+    uuid0 = str(torch.cuda.get_device_properties(0).uuid).lower().removeprefix("gpu-")
+    (gpu0,) = [g for g in snap.gpus if g.index == 0]
+    assert gpu0.uuid.lower().removeprefix("gpu-") == uuid0

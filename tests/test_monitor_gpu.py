@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from adaptive_nb.monitor import FakeGpu, FakeNvml, GpuSampler, parse_cuda_visible_devices
+from adaptive_nb.monitor import FakeGpu, FakeNvml, GpuSampler, Monitor, parse_cuda_visible_devices
 from adaptive_nb.monitor.gpu import torch_index_map
 
 UUIDS = [
@@ -161,3 +161,14 @@ def test_names_and_hot_plug() -> None:
     samples, _ = sampler.sample()
     assert [s.name for s in samples] == ["GPU0", "GPU1", "late"]
     assert samples[2].index == 2
+
+
+def test_torch_uuids_set_later_fix_the_index_of_each_sample() -> None:
+    # NVML lists GPUs in PCI order; CUDA's default order (fastest first) may differ
+    nvml = FakeNvml([FakeGpu("RTX 3090", uuid="GPU-aaa"), FakeGpu("RTX 4090", uuid="GPU-bbb")])
+    mon = Monitor(nvml=nvml, cuda_visible_devices=None)
+    before = {g.name: g.index for g in mon.sample_now().gpus}
+    assert before == {"RTX 3090": 0, "RTX 4090": 1}
+    mon.set_cuda_uuids(["bbb", "GPU-AAA"])  # torch: 0 = the 4090, 1 = the 3090
+    after = {g.name: g.index for g in mon.sample_now().gpus}
+    assert after == {"RTX 3090": 1, "RTX 4090": 0}

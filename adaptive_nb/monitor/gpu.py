@@ -130,6 +130,13 @@ class GpuSampler:
         self._last_uuid: dict[int, str] = {}  # survives a lost device's static info
         self.lost: dict[int, str] = {}  # nvml index -> uuid of devices reported lost
 
+    def set_cuda_uuids(self, cuda_uuids: Sequence[str] | None) -> None:
+        """Map by torch's own device UUIDs (torch order) from now on: exact whatever
+        ``CUDA_DEVICE_ORDER`` is (CUDA's default order, fastest first, can differ from
+        NVML's PCI order on a mixed workstation)."""
+        self._cuda_uuids = list(cuda_uuids) if cuda_uuids is not None else None
+        self._map_key = None  # re-map at the next sample
+
     def _env_value(self) -> str | None:
         if isinstance(self._cvd, _FromEnv):
             return os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -121,6 +121,12 @@ class Monitor:
         with self._sample_lock:
             return self.gpu.names()
 
+    def set_cuda_uuids(self, cuda_uuids: Sequence[str] | None) -> None:
+        """Tell the sampler torch's device UUIDs (in torch order) so that each
+        :class:`GpuSample` carries the right torch index (see :class:`GpuSampler`)."""
+        with self._sample_lock:
+            self.gpu.set_cuda_uuids(cuda_uuids)
+
     def lost_gpus(self) -> dict[int, str]:
         """NVML index → UUID of GPUs that were reported lost (fell off the bus)."""
         return dict(self.gpu.lost)
