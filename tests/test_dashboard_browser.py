@@ -39,9 +39,13 @@ time.sleep(0.02)
 x, y = batch
 loss = nn.functional.cross_entropy(model(x), y)""",
     "r = _adaptive\n"
-    "print('RESULT', r.summary['ended'], r.summary['steps'], "
-    "' '.join(e.kind for e in r.events))",
+    "kinds = ' '.join(e.kind for e in r.events)\n"
+    "print(f\"RESULT {r.summary['ended']} {r.summary['steps']} {kinds} END\")",
 ]
+
+
+# one print of one string, ended by a marker: the whole line, never a first stream chunk
+RESULT_LINE = re.compile(r"RESULT .* END")
 
 
 def _step(page: Any) -> int:
@@ -125,10 +129,10 @@ def _drive(page: Any, lab: LabServer) -> None:
             time.sleep(1.0)
             _button(page, "Stop").click()
             dash.get_by_text("Run stopped").wait_for(timeout=20_000)
-            result = page.locator(".jp-OutputArea-output", has_text="RESULT")
+            result = page.locator(".jp-OutputArea-output", has_text=RESULT_LINE)
             result.wait_for(timeout=30_000)
             words = result.inner_text().split()
-            ended, steps, kinds = words[1], int(words[2]), words[3:]
+            ended, steps, kinds = words[1], int(words[2]), words[3:-1]
             assert ended == "stopped"
             assert 0 < steps < 4000
             assert steps >= paused_at + 10
@@ -163,7 +167,7 @@ opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)""",
     """\
 x, y = batch
 loss = F.cross_entropy(model(x), y)""",
-    "print('RESULT', _adaptive.summary['ended'], _adaptive.summary['reallocations'])",
+    "print(f\"RESULT {_adaptive.summary['ended']} {_adaptive.summary['reallocations']} END\")",
 ]
 
 
@@ -187,7 +191,7 @@ def test_simulated_fleet_dashboard_is_labelled_and_shows_every_device() -> None:
             # mid-run, while another (simulated) job holds GPU 2
             _wait_step_above(page, 120, timeout=120)
             dash.screenshot(path=str(BUILD / "dashboard_simulated_running.png"))
-            result = page.locator(".jp-OutputArea-output", has_text="RESULT")
+            result = page.locator(".jp-OutputArea-output", has_text=RESULT_LINE)
             result.wait_for(timeout=180_000)
             assert result.inner_text().split()[1] == "completed"
             assert dash.get_by_text("SIMULATED", exact=True).is_visible()
