@@ -39,7 +39,7 @@ test: setup browser-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lab: setup
-	$(BIN)/jupyter lab examples/
+	$(BIN)/jupyter lab examples/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 bench: setup
 	$(BIN)/python bench/overhead.py
