@@ -31,8 +31,8 @@ browser-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 lint: setup
-	$(BIN)/ruff check adaptive_nb tests bench examples/execute.py
-	$(BIN)/ruff format --check adaptive_nb tests bench examples/execute.py
+	$(BIN)/ruff check adaptive_nb tests benchmarks examples/execute.py
+	$(BIN)/ruff format --check adaptive_nb tests benchmarks examples/execute.py
 	$(BIN)/mypy
 
 test: setup browser-deps lint
@@ -42,7 +42,7 @@ lab: setup
 	$(BIN)/jupyter lab examples/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 bench: setup
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python benchmarks/overhead.py
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,11 @@ From a script::
 
 Public names are imported on first use, so that the Jupyter server extension (which only
 needs the monitor) does not import torch.
+
+This module is the composition root: it is the one place above every layer, and it wires
+the upper layers into the run layer's plug-in points (:mod:`adaptive_nb.run.plugins`):
+``devices="sim:…"`` → the simulated fleet, ``train(widget=True)`` → the notebook dashboard,
+``RunReport.plot()`` → the notebook report figures. Each is imported only when used.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .run import plugins as _plugins
 
 if TYPE_CHECKING:
-    from .control import RunControl
     from .errors import LossError, UsageError
-    from .events import BaseObserver, Event, EventKind, Observer, Progress, RunInfo, TickRecord
-    from .loop import Run, active_run, last_run, start, train
-    from .report import RunReport
+    from .events import Event, EventKind, Progress, RunInfo, TickRecord
+    from .run.api import active_run, last_run, start, train
+    from .run.control import RunControl
+    from .run.loop import Run
+    from .run.observers import BaseObserver, Observer
+    from .run.report import RunReport
 
 __all__ = [
     "BaseObserver",
@@ -53,22 +61,22 @@ __all__ = [
 ]
 
 _LAZY = {
-    "RunControl": ".control",
+    "RunControl": ".run.control",
     "LossError": ".errors",
     "UsageError": ".errors",
-    "BaseObserver": ".events",
+    "BaseObserver": ".run.observers",
     "Event": ".events",
     "EventKind": ".events",
-    "Observer": ".events",
+    "Observer": ".run.observers",
     "Progress": ".events",
     "RunInfo": ".events",
     "TickRecord": ".events",
-    "Run": ".loop",
-    "active_run": ".loop",
-    "last_run": ".loop",
-    "start": ".loop",
-    "train": ".loop",
-    "RunReport": ".report",
+    "Run": ".run.loop",
+    "active_run": ".run.api",
+    "last_run": ".run.api",
+    "start": ".run.api",
+    "train": ".run.api",
+    "RunReport": ".run.report",
 }
 
 
@@ -83,6 +91,30 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def _sim_provider(path: str, **options: Any) -> tuple[Any, Any, Any]:
+    from .sim import build_sim_run
+
+    return build_sim_run(path, **options)
+
+
+def _dashboard(control: Any, device_names: list[str], simulated: bool) -> Any:
+    from .jupyter.dashboard import show_dashboard
+
+    return show_dashboard(control, device_names, simulated)
+
+
+def _report_figures(report: Any) -> list[Any]:
+    from .jupyter.dashboard.report_view import report_figures
+
+    figures: list[Any] = report_figures(report)
+    return figures
+
+
+_plugins.register_device_provider("sim", _sim_provider)
+_plugins.register_dashboard(_dashboard)
+_plugins.register_report_plotter(_report_figures)
 
 
 def load_ipython_extension(ipython: Any) -> None:

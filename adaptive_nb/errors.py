@@ -1,12 +1,13 @@
-"""Errors adaptive_nb raises for the user's mistakes.
+"""Errors adaptive_nb raises: the user's mistakes, and the device faults a step can hit.
 
 Core code raises :class:`UsageError` before anything runs; the Jupyter front-end shows it
-as a short message without a traceback.
+as a short message without a traceback. :class:`OutOfMemory` and :class:`DeviceFailure`
+travel from an engine to the run loop, which re-plans and retries the same batch.
 """
 
 from __future__ import annotations
 
-__all__ = ["LossError", "UsageError"]
+__all__ = ["DeviceFailure", "LossError", "OutOfMemory", "UsageError"]
 
 
 class UsageError(ValueError):
@@ -15,3 +16,22 @@ class UsageError(ValueError):
 
 class LossError(UsageError):
     """The step body produced no usable loss; the step was not applied."""
+
+
+class OutOfMemory(RuntimeError):
+    """A device ran out of memory during a step; nothing was applied, the batch is retried.
+
+    ``device`` is the engine's device position (index into ``Engine.device_names()``),
+    or None when unknown."""
+
+    def __init__(self, message: str, device: int | None = None) -> None:
+        super().__init__(message)
+        self.device = device
+
+
+class DeviceFailure(RuntimeError):
+    """A device errored (not OOM) or disappeared; it is dropped and the batch retried."""
+
+    def __init__(self, message: str, device: int) -> None:
+        super().__init__(message)
+        self.device = device

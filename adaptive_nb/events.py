@@ -1,19 +1,15 @@
-"""Records that flow out of a training run: events, per-tick records, progress, and the
-observer protocol through which front-ends (dashboard, status files) follow a run.
+"""Records that flow out of a training run: events, per-tick records, progress.
 
-Data flows one way: the loop produces these records and calls observers; observers never
-reach into the loop. To steer a run they post requests to :class:`adaptive_nb.control.RunControl`.
+Plain data: controllers emit :class:`Event` records, the run loop emits the rest and hands
+them to its observers (:mod:`adaptive_nb.run.observers`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
-if TYPE_CHECKING:
-    from .report import RunReport
-
-__all__ = ["Event", "EventKind", "Observer", "Progress", "RunInfo", "TickRecord"]
+__all__ = ["Event", "EventKind", "Progress", "RunInfo", "TickRecord"]
 
 
 class EventKind:
@@ -101,39 +97,3 @@ class TickRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@runtime_checkable
-class Observer(Protocol):
-    """Follows a run. Every method is called on the training thread and must be quick;
-    an exception raised here is logged once and the observer is detached, never stopping
-    training."""
-
-    def on_start(self, info: RunInfo) -> None: ...
-
-    def on_progress(self, progress: Progress) -> None: ...
-
-    def on_tick(self, record: TickRecord) -> None: ...
-
-    def on_event(self, event: Event) -> None: ...
-
-    def on_end(self, report: RunReport) -> None: ...
-
-
-class BaseObserver:
-    """An observer that ignores everything; subclass and override what you need."""
-
-    def on_start(self, info: RunInfo) -> None:
-        pass
-
-    def on_progress(self, progress: Progress) -> None:
-        pass
-
-    def on_tick(self, record: TickRecord) -> None:
-        pass
-
-    def on_event(self, event: Event) -> None:
-        pass
-
-    def on_end(self, report: RunReport) -> None:
-        pass

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from adaptive_nb.bench.runner import run_policy
-from adaptive_nb.engine.base import DeviceFailure, OutOfMemory, StepOutcome
+from adaptive_nb.errors import DeviceFailure, OutOfMemory
 from adaptive_nb.events import EventKind
+from adaptive_nb.layout import Plan
 from adaptive_nb.monitor.snapshot import GpuProcess, GpuSample, HostSample, Snapshot
 from adaptive_nb.plan.allocation import AllocationController
-from adaptive_nb.plan.planner import Plan
 from adaptive_nb.sim.scenario import load_scenario
+from adaptive_nb.step import StepOutcome
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "bench" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"
 HOST = HostSample(0.0, (), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 BATCH = 240
 

@@ -16,7 +16,7 @@ from adaptive_nb.bench.runner import compare
 from adaptive_nb.sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = sorted((ROOT / "bench" / "scenarios").glob("*.json"))
+SCENARIOS = sorted((ROOT / "benchmarks" / "scenarios").glob("*.json"))
 REQUIRED = {
     "homogeneous_idle",
     "mixed_generations",
@@ -61,7 +61,7 @@ def test_adaptive_beats_static_where_it_should() -> None:
 
 
 def test_cli_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
-    path = ROOT / "bench" / "scenarios" / "single_gpu.json"
+    path = ROOT / "benchmarks" / "scenarios" / "single_gpu.json"
     assert main([str(path), "--json"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     rec = json.loads(last)

@@ -16,7 +16,7 @@ from torch import nn
 import adaptive_nb
 from adaptive_nb.events import EventKind
 from adaptive_nb.jupyter.control_magics import ControlMagics, format_status
-from adaptive_nb.monitor_report import MonitorReport
+from adaptive_nb.monitor.report import MonitorReport
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_pause_resume_stop_a_background_run(
     assert report.summary["steps"] < 100_000
     kinds = [e.kind for e in report.events]
     assert EventKind.PAUSE in kinds and EventKind.RESUME in kinds and EventKind.STOP in kinds
-    assert adaptive_nb.loop.active_run() is None
+    assert adaptive_nb.active_run() is None
 
 
 def test_format_status_is_one_readable_line() -> None:
@@ -168,7 +168,7 @@ def test_adaptive_stop_ends_a_background_train_cell(shell: InteractiveShell) -> 
         "--background --no-widget --out _bg",
         "time.sleep(0.005)\nx, y = batch\nloss = nn.functional.cross_entropy(model(x), y)",
     )
-    run = adaptive_nb.loop.active_run()
+    run = adaptive_nb.active_run()
     assert run is not None
     _wait(lambda: run.step >= 3)
     shell.run_line_magic("adaptive", "stop")

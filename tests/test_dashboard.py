@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import adaptive_nb
-from adaptive_nb.control import RunControl
 from adaptive_nb.events import Event, EventKind, Progress, RunInfo, TickRecord
 from adaptive_nb.jupyter.dashboard import Dashboard
 from adaptive_nb.jupyter.dashboard.buffers import MultiSeries, Series
+from adaptive_nb.run.control import RunControl
 
 GPUS = ["GPU 0 (A100)", "GPU 1 (A100)"]
 
@@ -323,7 +323,7 @@ def test_the_loop_obeys_widget_clicks_at_the_next_step() -> None:
 
 
 def test_report_plot_returns_the_evaluation_figures() -> None:
-    from adaptive_nb.report import RunReport
+    from adaptive_nb.run.report import RunReport
 
     timeline = [tick(float(t), share0=0.5 if t < 5 else 0.8) for t in range(10)]
     events = [Event(5.0, EventKind.REALLOCATE, "GPU 1: external job → share 0.5 → 0.2", 50)]

@@ -13,16 +13,15 @@ import torch
 from torch import nn
 
 import adaptive_nb
-from adaptive_nb.engine.base import DeviceFailure, OutOfMemory
+from adaptive_nb.batches import first_batch_size
 from adaptive_nb.engine.dataparallel import (
     DataParallelEngine,
     WeightedDataParallel,
     device_of_error,
-    first_batch_size,
     scatter_weighted,
 )
-from adaptive_nb.errors import UsageError
-from adaptive_nb.plan.planner import Plan
+from adaptive_nb.errors import DeviceFailure, OutOfMemory, UsageError
+from adaptive_nb.layout import Plan
 
 Pair = namedtuple("Pair", ["x", "y"])
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from adaptive_nb.jupyter.server import KernelMap, ResourceSampler, ServerState
-from adaptive_nb.monitor import FakeGpu, FakeNvml
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 

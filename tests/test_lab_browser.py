@@ -55,7 +55,7 @@ SIMULATED_GPUS_CONFIG = """
 import math, threading, time
 import psutil
 import adaptive_nb.jupyter.server.state as state
-from adaptive_nb.monitor import FakeGpu, FakeNvml
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 
 GPUS = [FakeGpu(name="NVIDIA A100-SXM4-40GB", mem_total_mb=40960) for _ in range(2)]
 _init = state.ResourceSampler.__init__

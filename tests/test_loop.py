@@ -15,7 +15,8 @@ from torch import nn
 
 import adaptive_nb
 from adaptive_nb import EventKind, LossError, RunControl, UsageError
-from adaptive_nb.events import BaseObserver, Progress
+from adaptive_nb.events import Progress
+from adaptive_nb.run.observers import BaseObserver
 
 
 def plain_loop(

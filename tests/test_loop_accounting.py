@@ -14,14 +14,15 @@ from conftest import ce_step, make_data, make_model
 from torch import nn
 
 import adaptive_nb
-from adaptive_nb import loop
-from adaptive_nb.engine.base import OutOfMemory, StepFn, StepOutcome
 from adaptive_nb.engine.cpu import CpuEngine
-from adaptive_nb.errors import UsageError
-from adaptive_nb.events import BaseObserver, Event, EventKind
+from adaptive_nb.errors import OutOfMemory, UsageError
+from adaptive_nb.events import Event, EventKind
 from adaptive_nb.monitor.snapshot import Snapshot
 from adaptive_nb.plan.base import Controller
-from adaptive_nb.report import RunReport
+from adaptive_nb.run import api, loop
+from adaptive_nb.run.observers import BaseObserver
+from adaptive_nb.run.report import RunReport
+from adaptive_nb.step import StepFn, StepOutcome
 
 
 class OomEngine(CpuEngine):
@@ -136,7 +137,7 @@ def test_a_second_ctrl_c_while_the_report_is_assembled_keeps_the_report() -> Non
 
 
 def _gated_backend(gate: threading.Barrier) -> Any:
-    real = loop._build_backend
+    real = api.build_backend
 
     def build(*args: Any, **kwargs: Any) -> Any:
         gate.wait(5)  # both callers are past their checks before either claims the slot
@@ -157,7 +158,7 @@ def no_run_left() -> Iterator[None]:
 def test_two_concurrent_starts_cannot_both_claim_the_run_slot(
     monkeypatch: pytest.MonkeyPatch, no_run_left: None
 ) -> None:
-    monkeypatch.setattr(loop, "_build_backend", _gated_backend(threading.Barrier(2)))
+    monkeypatch.setattr(api, "build_backend", _gated_backend(threading.Barrier(2)))
     release = threading.Event()
 
     def slow(m: nn.Module, batch: Any) -> torch.Tensor:

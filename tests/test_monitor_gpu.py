@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from adaptive_nb.monitor import FakeGpu, FakeNvml, GpuSampler, Monitor, parse_cuda_visible_devices
+from adaptive_nb.monitor import GpuSampler, Monitor, parse_cuda_visible_devices
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 from adaptive_nb.monitor.gpu import torch_index_map
 
 UUIDS = [

@@ -10,7 +10,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from adaptive_nb.monitor import FakeGpu, FakeNvml, NvmlBackend, NvmlDeviceError
+from adaptive_nb.monitor import NvmlBackend, NvmlDeviceError
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 from adaptive_nb.monitor.nvml import (
     NO_DRIVER_NOTICE,
     NO_GPU_NOTICE,

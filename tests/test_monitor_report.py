@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from adaptive_nb.monitor.report import gpu_label, snapshot_record, summarize
 from adaptive_nb.monitor.snapshot import GpuProcess, GpuSample, HostSample, Snapshot
-from adaptive_nb.monitor_report import gpu_label, snapshot_record, summarize
 
 
 def host(cpu: float, ram_used: float, proc_cpu: float = 50.0, rss: float = 500.0) -> HostSample:

@@ -14,8 +14,6 @@ import pytest
 from adaptive_nb.errors import UsageError
 from adaptive_nb.monitor import (
     NO_DRIVER_NOTICE,
-    FakeGpu,
-    FakeNvml,
     HostSample,
     HostSampler,
     Monitor,
@@ -24,6 +22,7 @@ from adaptive_nb.monitor import (
     describe_machine,
     stop_default_monitor,
 )
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 
 ME = 4242
 HOST = HostSample(

@@ -6,10 +6,10 @@ import itertools
 import math
 import random
 
+from adaptive_nb.layout import Plan
 from adaptive_nb.plan.planner import (
     DeviceModel,
     Overhead,
-    Plan,
     best_plan,
     evaluate,
     plan_for_subset,

@@ -9,7 +9,7 @@ from conftest import ce_step
 
 import adaptive_nb
 from adaptive_nb.events import Event, Progress, RunInfo
-from adaptive_nb.progress_text import TextProgress, format_duration
+from adaptive_nb.run.progress_text import TextProgress, format_duration
 
 
 def test_format_duration() -> None:

@@ -11,7 +11,7 @@ from tornado.httpclient import HTTPClientError
 
 from adaptive_nb.jupyter.run_status import RunStatusPublisher, status_path
 from adaptive_nb.jupyter.server import ResourceSampler, ServerState
-from adaptive_nb.monitor import FakeGpu, FakeNvml
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 

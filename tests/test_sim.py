@@ -18,7 +18,7 @@ from adaptive_nb.events import EventKind
 from adaptive_nb.sim import SimSnapshots, SimulatedEngine, build_sim_run, load_scenario
 from adaptive_nb.sim.scenario import parse_scenario
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "bench" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"
 
 
 def scenario(**over: Any) -> dict[str, Any]:

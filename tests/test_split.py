@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from adaptive_nb.plan.split import chunk_sizes, equal_split, micro_batch_sizes, nonzero_chunks
+from adaptive_nb.layout import chunk_sizes, equal_split, micro_batch_sizes, nonzero_chunks
 
 
 def test_proportional_with_largest_remainder() -> None:

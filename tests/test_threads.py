@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptive_nb.engine.base import StepOutcome
 from adaptive_nb.events import EventKind
 from adaptive_nb.monitor.snapshot import HostSample, Snapshot
 from adaptive_nb.plan.threads import ThreadController, thread_candidates
+from adaptive_nb.step import StepOutcome
 
 
 class FakeThreads:

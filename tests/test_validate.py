@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adaptive_nb.errors import UsageError
-from adaptive_nb.validate import DeviceSpec, parse_devices
+from adaptive_nb.run.validate import DeviceSpec, parse_devices
 
 
 def test_auto_means_all_gpus_or_cpu() -> None:

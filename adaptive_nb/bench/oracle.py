@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from ..plan.planner import DeviceModel, Overhead, Plan, best_plan
+from ..layout import Plan
+from ..plan.planner import DeviceModel, Overhead, best_plan
 from ..sim.fleet import DeviceState, Fleet
 
 __all__ = ["oracle_plan"]

@@ -7,10 +7,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..engine.base import DeviceFailure, OutOfMemory
+from ..errors import DeviceFailure, OutOfMemory
 from ..events import Event
+from ..layout import Plan
 from ..plan.allocation import AllocationController
-from ..plan.planner import Plan
 from ..sim.engine import SimulatedEngine
 from ..sim.fleet import DeviceState, Fleet
 from ..sim.nvml import SimSnapshots

@@ -9,57 +9,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = [
-    "DeviceFailure",
-    "Engine",
-    "OutOfMemory",
-    "StepFn",
-    "StepOutcome",
-    "batch_size_of",
-    "move_to",
-]
+from ..step import StepFn, StepOutcome
 
-StepFn = Callable[[nn.Module, Any], torch.Tensor]
-"""``step(model, batch) -> loss``: the user's per-step code."""
-
-
-class OutOfMemory(RuntimeError):
-    """A device ran out of memory during a step; nothing was applied, the batch is retried.
-
-    ``device`` is the engine's device position (index into ``Engine.device_names()``),
-    or None when unknown."""
-
-    def __init__(self, message: str, device: int | None = None) -> None:
-        super().__init__(message)
-        self.device = device
-
-
-class DeviceFailure(RuntimeError):
-    """A device errored (not OOM) or disappeared; it is dropped and the batch retried."""
-
-    def __init__(self, message: str, device: int) -> None:
-        super().__init__(message)
-        self.device = device
-
-
-@dataclass
-class StepOutcome:
-    """What the engine measured for one completed forward/backward."""
-
-    loss: torch.Tensor  # the scalar loss of the whole batch (detached)
-    samples: int
-    wall_s: float  # step wall time on the engine's clock (virtual when simulated)
-    device_time_s: dict[int, float] = field(default_factory=dict)  # position -> compute s
-    device_batch: dict[int, int] = field(default_factory=dict)  # position -> samples
-    peak_mem_mb: dict[int, float] = field(default_factory=dict)
-    micro_batches: int = 1
+__all__ = ["Engine"]
 
 
 class Engine(ABC):
@@ -95,34 +52,3 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources at the end of a run."""
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a nested tuple/list/dict structure to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True) if batch.device != device else batch
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
-
-
-def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor (0 if none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, dict):
-        for v in batch.values():
-            n = batch_size_of(v)
-            if n:
-                return n
-        return 0
-    if isinstance(batch, (list, tuple)):
-        for v in batch:
-            n = batch_size_of(v)
-            if n:
-                return n
-    return 0

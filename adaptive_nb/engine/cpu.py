@@ -7,7 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from .base import Engine, StepFn, StepOutcome, batch_size_of
+from ..batches import batch_size_of
+from ..step import StepFn, StepOutcome
+from .base import Engine
 
 __all__ = ["CpuEngine"]
 

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..plan.planner import Plan
-from ..plan.split import chunk_sizes
-from .base import DeviceFailure, Engine, OutOfMemory, StepFn, StepOutcome, batch_size_of
+from ..batches import batch_size_of, first_batch_size, split_nested
+from ..errors import DeviceFailure, OutOfMemory, UsageError
+from ..layout import Plan, chunk_sizes
+from ..step import StepFn, StepOutcome
+from .base import Engine
 from .microbatch import run_micro_batches
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "DataParallelEngine",
     "WeightedDataParallel",
     "device_of_error",
-    "first_batch_size",
     "scatter_weighted",
 ]
 
@@ -53,20 +53,6 @@ def _torch_scatter(
     return out
 
 
-def first_batch_size(obj: Any, dim: int = 0) -> int | None:
-    """Size along ``dim`` of the first tensor in a nested structure (None if none)."""
-    if isinstance(obj, torch.Tensor):
-        return int(obj.shape[dim]) if obj.dim() > dim else None
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for v in obj:
-            n = first_batch_size(v, dim)
-            if n is not None:
-                return n
-    return None
-
-
 def scatter_weighted(
     obj: Any,
     devices: Sequence[int],
@@ -83,26 +69,16 @@ def scatter_weighted(
     if scatter is None:
         scatter = _torch_scatter
 
-    def scatter_map(x: Any) -> list[Any]:
-        if isinstance(x, torch.Tensor):
-            if x.dim() <= dim or x.shape[dim] != total:
-                raise UsageError(
-                    f"the model was called with a tensor of shape {tuple(x.shape)} next to a "
-                    f"batch of {total}: under DataParallel every tensor argument is split "
-                    f"along dim {dim}; pass per-batch constants as module attributes instead."
-                )
-            return list(scatter(devices, sizes, dim, x))
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return [type(x)(*args) for args in zip(*map(scatter_map, x), strict=True)]
-        if isinstance(x, tuple) and len(x) > 0:
-            return list(zip(*map(scatter_map, x), strict=True))
-        if isinstance(x, list) and len(x) > 0:
-            return [list(i) for i in zip(*map(scatter_map, x), strict=True)]
-        if isinstance(x, dict) and len(x) > 0:
-            return [type(x)(i) for i in zip(*map(scatter_map, x.items()), strict=True)]
-        return [x for _ in devices]
+    def scatter_tensor(x: torch.Tensor) -> list[torch.Tensor]:
+        if x.dim() <= dim or x.shape[dim] != total:
+            raise UsageError(
+                f"the model was called with a tensor of shape {tuple(x.shape)} next to a "
+                f"batch of {total}: under DataParallel every tensor argument is split "
+                f"along dim {dim}; pass per-batch constants as module attributes instead."
+            )
+        return list(scatter(devices, sizes, dim, x))
 
-    return scatter_map(obj)
+    return split_nested(obj, len(devices), scatter_tensor)
 
 
 _DEVICE_ERROR = re.compile(r"CUDA error|CUDA driver error|AcceleratorError")

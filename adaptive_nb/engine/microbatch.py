@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..plan.split import micro_batch_sizes
-from .base import StepFn, batch_size_of
+from ..batches import batch_size_of, split_nested
+from ..layout import micro_batch_sizes
+from ..step import StepFn
 
 __all__ = ["run_micro_batches", "split_batch"]
 
@@ -28,23 +29,12 @@ def split_batch(batch: Any, sizes: Sequence[int]) -> list[Any]:
     total = int(sum(sizes))
     parts = len(sizes)
 
-    def split(obj: Any) -> list[Any]:
-        if isinstance(obj, torch.Tensor):
-            if obj.dim() > 0 and obj.shape[0] == total:
-                return list(torch.split(obj, list(sizes), dim=0))
-            return [obj] * parts
-        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-            cols = [split(v) for v in obj]
-            return [type(obj)(*(c[i] for c in cols)) for i in range(parts)]
-        if isinstance(obj, (list, tuple)):
-            cols = [split(v) for v in obj]
-            return [type(obj)(c[i] for c in cols) for i in range(parts)]
-        if isinstance(obj, dict):
-            split_items = {k: split(v) for k, v in obj.items()}
-            return [type(obj)((k, v[i]) for k, v in split_items.items()) for i in range(parts)]
-        return [obj] * parts
+    def split_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+        if t.dim() > 0 and t.shape[0] == total:
+            return list(torch.split(t, list(sizes), dim=0))
+        return [t] * parts
 
-    return split(batch)
+    return split_nested(batch, parts, split_tensor)
 
 
 def run_micro_batches(

@@ -1,7 +1,9 @@
 """Jupyter front-ends of adaptive_nb: magics, live dashboard, server extension.
 
-Everything here imports the core; the core never imports this package (the one plug-in
-point is :func:`show_dashboard`, looked up by name when ``train(widget=True)``)."""
+Everything here imports the core; the core never imports this package. The magics pass
+the dashboard to the run themselves; for ``adaptive_nb.train(widget=True)`` and
+``RunReport.plot()`` the package facade (:mod:`adaptive_nb`) registers this package's
+dashboard and report figures in :mod:`adaptive_nb.run.plugins`."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..control import RunControl
-    from ..events import Observer
+    from ..run.control import RunControl
+    from ..run.observers import Observer
 
 __all__ = ["load_ipython_extension", "show_dashboard", "unload_ipython_extension"]
 
@@ -18,15 +20,11 @@ log = logging.getLogger("adaptive_nb")
 
 
 def show_dashboard(control: RunControl, device_names: list[str], simulated: bool) -> Observer:
-    """Create the live dashboard for a run, display it in the current cell's output, and
-    return it (it is an :class:`~adaptive_nb.events.Observer`)."""
-    from IPython.display import display
+    """Create, display and return the live dashboard of a run (see
+    :func:`adaptive_nb.jupyter.dashboard.show_dashboard`)."""
+    from .dashboard import show_dashboard as show
 
-    from .dashboard import Dashboard
-
-    dashboard = Dashboard(control=control, device_names=device_names, simulated=simulated)
-    display(dashboard)
-    return dashboard
+    return show(control, device_names, simulated)
 
 
 def load_ipython_extension(ipython: Any) -> None:

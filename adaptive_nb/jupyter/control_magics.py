@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..monitor_report import MonitorReport, snapshot_record, summarize
+from ..monitor.report import MonitorReport, snapshot_record, summarize
 
 __all__ = ["ControlMagics", "format_status"]
 
@@ -83,7 +83,7 @@ class ControlMagics(Magics):
                 f"%adaptive {line.strip()}: unknown command; use one of "
                 + ", ".join(f"`%adaptive {c}`" for c in _COMMANDS)
             )
-        from ..loop import active_run
+        from ..run.slot import active_run
 
         run = active_run()
         if run is None:

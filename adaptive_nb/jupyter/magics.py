@@ -17,9 +17,9 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from torch import nn
 
 from ..errors import UsageError
-from ..events import BaseObserver
-from ..loop import last_run, start, train
-from ..report import RunReport
+from ..run.api import last_run, start, train
+from ..run.observers import BaseObserver
+from ..run.report import RunReport
 
 __all__ = ["AdaptiveMagics", "machine_summary"]
 
@@ -197,7 +197,7 @@ class AdaptiveMagics(Magics):
             "devices": args.devices,
             "policy": args.policy,
             "headroom": args.headroom,
-            "widget": not args.no_widget,
+            "widget": False if args.no_widget else _show_dashboard,
             # text progress instead of the dashboard (not from a background thread, whose
             # prints would land in whichever cell runs at the time)
             "progress": args.no_widget and not args.background,
@@ -245,6 +245,13 @@ class AdaptiveMagics(Magics):
                 f"adaptive_nb: {why} after step {run.step}; the partial report is in `{out}`. "
                 "Model and optimizer hold the state after the last completed step."
             )
+
+
+def _show_dashboard(control: Any, device_names: list[str], simulated: bool) -> Any:
+    """The live dashboard this magic attaches to its run (bqplot is imported only now)."""
+    from .dashboard import show_dashboard
+
+    return show_dashboard(control, device_names, simulated)
 
 
 class _Restore(BaseObserver):

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from ..events import BaseObserver, Event, EventKind, Progress, RunInfo, TickRecord
+from ..events import Event, EventKind, Progress, RunInfo, TickRecord
+from ..run.observers import BaseObserver
 
 if TYPE_CHECKING:
-    from ..report import RunReport
+    from ..run.report import RunReport
 
 __all__ = [
     "FILE_PREFIX",

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from .fake_nvml import FakeGpu, FakeNvml
 from .gpu import GpuSampler, parse_cuda_visible_devices, torch_index_map
 from .host import CgroupLimits, HostSampler, read_cgroup_limits, usable_cores
 from .nvml import (
@@ -28,15 +27,13 @@ from .sampler import (
     describe_machine,
     stop_default_monitor,
 )
-from .snapshot import GpuFault, GpuProcess, GpuSample, HostSample, Snapshot
+from .snapshot import GpuFault, GpuProcess, GpuSample, HostSample, Snapshot, SnapshotSource
 
 __all__ = [
     "HOST_SERIES",
     "NO_DRIVER_NOTICE",
     "NO_GPU_NOTICE",
     "CgroupLimits",
-    "FakeGpu",
-    "FakeNvml",
     "GpuFault",
     "GpuProcess",
     "GpuSample",
@@ -52,6 +49,7 @@ __all__ = [
     "PynvmlBackend",
     "Ring",
     "Snapshot",
+    "SnapshotSource",
     "default_monitor",
     "describe_machine",
     "open_nvml",

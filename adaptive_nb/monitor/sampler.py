@@ -1,6 +1,7 @@
 """The monitor: a background thread that samples host and GPUs into bounded ring buffers.
 
->>> from adaptive_nb.monitor import FakeGpu, FakeNvml, Monitor
+>>> from adaptive_nb.monitor import Monitor
+>>> from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml  # a scripted NVML
 >>> with Monitor(rate_hz=2.0, nvml=FakeNvml([FakeGpu(name="A100")])) as mon:
 ...     snap = mon.sample_now()
 >>> snap.gpus[0].name

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["GpuFault", "GpuProcess", "GpuSample", "HostSample", "Snapshot"]
+__all__ = ["GpuFault", "GpuProcess", "GpuSample", "HostSample", "Snapshot", "SnapshotSource"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,10 @@ class Snapshot:
             "gpus": [g.to_dict() for g in self.gpus],
             "faults": [f.to_dict() for f in self.faults],
         }
+
+
+class SnapshotSource(Protocol):
+    """Anything that serves the latest monitoring sample: the background :class:`Monitor`,
+    a simulated fleet's NVML view, a test's scripted source."""
+
+    def latest(self) -> Snapshot | None: ...

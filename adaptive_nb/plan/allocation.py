@@ -11,28 +11,20 @@ import contextlib
 import itertools
 import math
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from ..engine.base import DeviceFailure, OutOfMemory, StepOutcome
+from ..errors import DeviceFailure, OutOfMemory
 from ..events import Event, EventKind
-from ..monitor.snapshot import GpuSample, Snapshot
+from ..layout import Plan, micro_batch_sizes
+from ..monitor.snapshot import GpuSample, Snapshot, SnapshotSource
+from ..policies import POLICIES
 from ..predict import Holt, MapeTracker, MemoryModel, StepTimeModel
+from ..step import StepOutcome
 from .base import Controller
-from .planner import DeviceModel, Overhead, Plan, best_plan, evaluate, static_plan
-from .split import micro_batch_sizes
+from .planner import DeviceModel, Overhead, best_plan, evaluate, static_plan
 
-if TYPE_CHECKING:
-    from ..engine.base import Engine
-
-__all__ = ["AllocatableEngine", "AllocationController", "SnapshotSource", "build_gpu_run"]
-
-POLICIES = ("adaptive", "weights", "static")
-
-
-class SnapshotSource(Protocol):
-    def latest(self) -> Snapshot | None: ...
+__all__ = ["AllocatableEngine", "AllocationController"]
 
 
 class AllocatableEngine(Protocol):
@@ -648,27 +640,3 @@ def _gain(old_t: float | None, new: Plan) -> str:
     if old_t is None or math.isinf(old_t) or not new.predicted_step_s:
         return ""
     return f" (predicted step {old_t:.3f} s → {new.predicted_step_s:.3f} s)"
-
-
-def build_gpu_run(
-    device_ids: Sequence[int],
-    *,
-    policy: str,
-    headroom: float,
-    control_interval: float,
-    snapshots: object,
-) -> tuple[Engine, Controller]:
-    """Weighted DataParallel engine over CUDA ``device_ids`` (the first is the primary) and
-    its allocation controller. ``snapshots`` has ``latest() -> Snapshot | None``."""
-    from ..engine.dataparallel import DataParallelEngine
-
-    engine = DataParallelEngine(list(device_ids))
-    source = snapshots if hasattr(snapshots, "latest") else None
-    controller = AllocationController(
-        engine,
-        policy=policy,
-        headroom=headroom,
-        control_interval=control_interval,
-        snapshots=source,
-    )
-    return engine, controller

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ..engine.base import DeviceFailure, OutOfMemory, StepOutcome
+from ..errors import DeviceFailure, OutOfMemory
 from ..events import Event
 from ..monitor.snapshot import Snapshot
+from ..step import StepOutcome
 
 __all__ = ["Controller", "NullController"]
 

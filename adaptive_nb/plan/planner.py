@@ -1,7 +1,7 @@
 """Choose the device subset, per-device shares and micro-batch count that minimise the
 predicted step time.
 
-Model (REFERENCE §1): device ``i`` computes ``b`` samples in ``α_i + β_i·b`` seconds; a
+Model (the usual affine step-time model of heterogeneous data parallelism): device ``i`` computes ``b`` samples in ``α_i + β_i·b`` seconds; a
 micro-step takes the slowest device plus a per-step overhead ``c0 + c1·(k−1)`` for ``k``
 devices; ``m`` micro-batches cost ``m`` micro-steps. Each chunk must fit the device's cap
 (samples per micro-step that fit its forecast free memory). Subsets are enumerated for up
@@ -16,13 +16,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .split import chunk_sizes, equal_split, micro_batch_sizes
+from ..layout import Plan, chunk_sizes, equal_split, micro_batch_sizes
 
 __all__ = [
     "ENUMERATE_MAX",
     "DeviceModel",
     "Overhead",
-    "Plan",
     "best_plan",
     "evaluate",
     "micro_step_time",
@@ -61,46 +60,6 @@ class Overhead:
 
     def __call__(self, k: int) -> float:
         return 0.0 if k <= 0 else max(0.0, self.base + self.per_device * (k - 1))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How to run one global batch. ``shares`` and ``caps`` are indexed by device position
-    (0 for unused devices); ``devices`` lists the positions in use, primary first."""
-
-    devices: tuple[int, ...]
-    shares: tuple[float, ...]
-    micro_batches: int
-    batch: int
-    predicted_step_s: float | None = None
-    caps: tuple[int | None, ...] = ()
-
-    @property
-    def primary(self) -> int:
-        return self.devices[0]
-
-    def chunks(self, total: int | None = None) -> list[int]:
-        """Per-position chunk sizes for one micro-batch of ``total`` samples (default: the
-        planned micro-batch)."""
-        size = total if total is not None else micro_batch_sizes(self.batch, self.micro_batches)[0]
-        return chunk_sizes(self.shares, size, self.caps or None, required=self.primary)
-
-    def layout(self, total: int) -> list[list[int]]:
-        """Per-position chunks of every micro-batch for a batch of ``total`` samples (more
-        micro-batches than planned when a bigger batch would not fit the caps)."""
-        m = self.micro_batches
-        if self.batch and total > self.batch:
-            m = math.ceil(m * total / self.batch)
-        while True:
-            sizes = micro_batch_sizes(total, m)
-            try:
-                by_size = {s: self.chunks(s) for s in set(sizes)}
-            except ValueError:
-                if m >= total:
-                    raise
-                m += 1
-                continue
-            return [by_size[s] for s in sizes]
 
 
 def solve_split(models: Sequence[DeviceModel], batch: int) -> list[int] | None:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..engine.base import StepOutcome
 from ..events import Event, EventKind
 from ..monitor.snapshot import Snapshot
+from ..step import StepOutcome
 from .base import Controller
 
 __all__ = ["ThreadController", "thread_candidates"]

@@ -1,7 +1,7 @@
 """Simulated GPU fleets: run the real controller (and, optionally, the real model on the
 CPU) against a scenario on a virtual clock. Everything it reports is labelled simulated.
 
->>> engine, controller, snapshots = build_sim_run("bench/scenarios/mixed_generations.json",
+>>> engine, controller, snapshots = build_sim_run("benchmarks/scenarios/mixed_generations.json",
 ...     policy="adaptive", headroom=0.1, control_interval=2.0)  # doctest: +SKIP
 """
 

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.base import Engine, StepFn, StepOutcome, batch_size_of
+from ..batches import batch_size_of
+from ..engine.base import Engine
 from ..engine.microbatch import run_micro_batches
-from ..plan.planner import Plan
-from ..plan.split import equal_split
+from ..layout import Plan, equal_split
+from ..step import StepFn, StepOutcome
 from .clock import VirtualClock
 from .fleet import Fleet, FleetStep
 from .scenario import Scenario

@@ -15,7 +15,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..engine.base import DeviceFailure, OutOfMemory
+from ..errors import DeviceFailure, OutOfMemory
 from .clock import VirtualClock
 from .scenario import Scenario
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..monitor.fake_nvml import FakeGpu, FakeNvml
+from ..monitor._fake_nvml import FakeGpu, FakeNvml
 from ..monitor.gpu import GpuSampler
 from ..monitor.snapshot import HostSample, Snapshot
 from .fleet import Fleet

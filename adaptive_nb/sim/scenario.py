@@ -1,7 +1,7 @@
 """Simulated-fleet scenario files: loading and validation.
 
 A scenario describes GPUs (speed, memory), the job's memory needs, communication cost and
-timed events (external jobs, failures). See ``bench/scenarios/`` for examples.
+timed events (external jobs, failures). See ``benchmarks/scenarios/`` for examples.
 """
 
 from __future__ import annotations

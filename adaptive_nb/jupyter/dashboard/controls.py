@@ -16,7 +16,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ...control import POLICIES, RunControl
+from ...policies import POLICIES
+from ...run.control import RunControl
 
 __all__ = ["RunControls", "accept_on_frontend_subshell"]
 

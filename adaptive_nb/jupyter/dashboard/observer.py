@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from ...control import RunControl
-from ...events import BaseObserver, Event, EventKind, Progress, RunInfo, TickRecord
+from ...events import Event, EventKind, Progress, RunInfo, TickRecord
+from ...run.control import RunControl
+from ...run.observers import BaseObserver
 from .buffers import MultiSeries, Series
 from .controls import RunControls
 from .figures import DashboardFigures
@@ -33,7 +34,7 @@ from .format import event_row_html, fmt_duration, fmt_number, fmt_rate
 
 if TYPE_CHECKING:
     from ...monitor.snapshot import Snapshot
-    from ...report import RunReport
+    from ...run.report import RunReport
 
 __all__ = ["Dashboard"]
 
@@ -245,7 +246,7 @@ class Dashboard(BaseObserver):
         """Plot one resource-monitor sample (``%%adaptive_monitor``; any thread)."""
         if self.disabled:
             return
-        from ...monitor_report import snapshot_record
+        from ...monitor.report import snapshot_record
 
         with self._lock:
             if self._monitor_t0 is None:

@@ -1,14 +1,58 @@
-"""Shares → chunk sizes: how many samples of a batch each device gets.
+"""How one global batch is laid out over devices: the :class:`Plan` value (device set,
+shares, micro-batches, primary) and the pure split arithmetic behind it (shares → chunk
+sizes, micro-batch sizes, the equal split of plain DataParallel).
 
-Pure functions, no torch: the weighted DataParallel scatter and the simulator both use them.
+No torch: the planner chooses a ``Plan``; the engines (weighted DataParallel, simulated)
+carry it out with these same functions.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["chunk_sizes", "equal_split", "micro_batch_sizes", "nonzero_chunks"]
+__all__ = ["Plan", "chunk_sizes", "equal_split", "micro_batch_sizes", "nonzero_chunks"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to run one global batch. ``shares`` and ``caps`` are indexed by device position
+    (0 for unused devices); ``devices`` lists the positions in use, primary first."""
+
+    devices: tuple[int, ...]
+    shares: tuple[float, ...]
+    micro_batches: int
+    batch: int
+    predicted_step_s: float | None = None
+    caps: tuple[int | None, ...] = ()
+
+    @property
+    def primary(self) -> int:
+        return self.devices[0]
+
+    def chunks(self, total: int | None = None) -> list[int]:
+        """Per-position chunk sizes for one micro-batch of ``total`` samples (default: the
+        planned micro-batch)."""
+        size = total if total is not None else micro_batch_sizes(self.batch, self.micro_batches)[0]
+        return chunk_sizes(self.shares, size, self.caps or None, required=self.primary)
+
+    def layout(self, total: int) -> list[list[int]]:
+        """Per-position chunks of every micro-batch for a batch of ``total`` samples (more
+        micro-batches than planned when a bigger batch would not fit the caps)."""
+        m = self.micro_batches
+        if self.batch and total > self.batch:
+            m = math.ceil(m * total / self.batch)
+        while True:
+            sizes = micro_batch_sizes(total, m)
+            try:
+                by_size = {s: self.chunks(s) for s in set(sizes)}
+            except ValueError:
+                if m >= total:
+                    raise
+                m += 1
+                continue
+            return [by_size[s] for s in sizes]
 
 
 def chunk_sizes(

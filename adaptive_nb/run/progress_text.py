@@ -8,7 +8,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from .events import BaseObserver, Event, EventKind, Progress, RunInfo
+from ..events import Event, EventKind, Progress, RunInfo
+from .observers import BaseObserver
 
 if TYPE_CHECKING:
     from .report import RunReport

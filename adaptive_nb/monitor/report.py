@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .events import TickRecord
-from .monitor.snapshot import GpuSample, Snapshot
+from ..events import TickRecord
+from .snapshot import GpuSample, Snapshot
 
 __all__ = ["DeviceUsage", "MonitorReport", "gpu_label", "snapshot_record", "summarize"]
 

@@ -3,7 +3,7 @@
 Synthetic step outcomes (per-device times, chunk sizes, peak memory) for 1, 4 and 8
 devices; median over repeats of the mean time per call.
 
-    python bench/observe_cost.py [--steps 2000] [--repeats 7]
+    python benchmarks/observe_cost.py [--steps 2000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from adaptive_nb.engine.base import StepOutcome
+from adaptive_nb.layout import Plan
 from adaptive_nb.plan.allocation import AllocationController
-from adaptive_nb.plan.planner import Plan
+from adaptive_nb.step import StepOutcome
 
 
 class _Engine:

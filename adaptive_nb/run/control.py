@@ -10,9 +10,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-__all__ = ["ControlRequests", "RunControl"]
+from ..policies import POLICIES
 
-POLICIES = ("adaptive", "weights", "static")
+__all__ = ["ControlRequests", "RunControl"]
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .events import Event, RunInfo, TickRecord
+from ..events import Event, RunInfo, TickRecord
+from .plugins import report_plotter
 
 __all__ = ["RunReport"]
 
@@ -89,12 +90,9 @@ class RunReport:
 
     # -- display ------------------------------------------------------------------------
     def plot(self) -> list[Any]:
-        """bqplot figures of this report (needs ipywidgets/bqplot, i.e. a notebook)."""
-        from importlib import import_module
-
-        view = import_module("adaptive_nb.jupyter.dashboard.report_view")
-        figures: list[Any] = view.report_figures(self)
-        return figures
+        """bqplot figures of this report (needs ipywidgets/bqplot, i.e. a notebook); drawn
+        by the plotter the notebook front-end registers (:mod:`adaptive_nb.run.plugins`)."""
+        return report_plotter()(self)
 
     def __repr__(self) -> str:
         s = self.summary

@@ -4,7 +4,7 @@ Same model, same data, one process, alternating runs, medians of wall time per r
 step time of at least 20 ms. ``static`` isolates the cost of the loop + monitor (nothing
 adapts); ``adaptive`` also includes the CPU thread policy (which may *gain*).
 
-    python bench/overhead.py [--steps 40] [--repeats 5] [--json]
+    python benchmarks/overhead.py [--steps 40] [--repeats 5] [--json]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What monitoring costs: mean time of one sample (host + 4 simulated GPUs) and the CPU
 share the 2 Hz background thread takes.
 
-    .venv/bin/python bench/monitor_cost.py [--samples 2000] [--seconds 10]
+    .venv/bin/python benchmarks/monitor_cost.py [--samples 2000] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import statistics
 import threading
 import time
 
-from adaptive_nb.monitor import FakeGpu, FakeNvml, HostSampler, Monitor
+from adaptive_nb.monitor import HostSampler, Monitor
+from adaptive_nb.monitor._fake_nvml import FakeGpu, FakeNvml
 
 
 def four_gpus() -> FakeNvml:

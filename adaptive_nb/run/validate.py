@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .control import POLICIES
-from .errors import UsageError
+from ..errors import UsageError
+from ..policies import POLICIES
 
-__all__ = ["DeviceSpec", "check_counts", "check_inputs", "parse_devices"]
+__all__ = ["DeviceSpec", "check_counts", "check_inputs", "check_policy", "parse_devices"]
 
 
 @dataclass(frozen=True)

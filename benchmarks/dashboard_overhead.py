@@ -6,7 +6,7 @@ nbclient), so every widget update is serialized and sent over the kernel's IOPub
 as in a notebook; ``--in-process`` measures in this process instead (widget messages are
 built but not sent). Goal: ratio ≤ 1.03.
 
-    .venv/bin/python bench/dashboard_overhead.py [--pairs 5] [--steps 150] [--step-ms 20]
+    .venv/bin/python benchmarks/dashboard_overhead.py [--pairs 5] [--steps 150] [--step-ms 20]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def measure(pairs: int, steps: int, step_ms: float, update_hz: float) -> dict[st
     from torch import nn
 
     import adaptive_nb
-    from adaptive_nb.control import RunControl
     from adaptive_nb.jupyter.dashboard import Dashboard
+    from adaptive_nb.run.control import RunControl
 
     try:
         from IPython.display import display

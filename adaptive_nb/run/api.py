@@ -1,0 +1,208 @@
+"""``train`` and ``start``: check the user's input, build the backend for the device spec,
+attach observers, and run (in this thread, or on a background thread).
+
+Bad input raises :class:`~adaptive_nb.errors.UsageError` before anything runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..step import StepFn
+from . import slot
+from .backend import build_backend
+from .control import RunControl
+from .loop import Run
+from .observers import Observer
+from .plugins import DashboardFactory, dashboard_factory
+from .progress_text import TextProgress
+from .report import RunReport
+from .validate import check_counts, check_inputs, check_policy, parse_devices
+
+__all__ = ["active_run", "last_run", "start", "train"]
+
+active_run = slot.active_run
+last_run = slot.last_run
+
+
+def _prepare(
+    step: StepFn,
+    *,
+    model: Any,
+    optimizer: Any,
+    data: Any,
+    epochs: int | None,
+    steps: int | None,
+    devices: str | Sequence[int] | None,
+    policy: str,
+    headroom: float,
+    widget: bool | DashboardFactory,
+    observers: Sequence[Observer],
+    control: RunControl | None,
+    control_interval: float,
+    names: Mapping[str, str] | None,
+    loss_name: str,
+    handle_interrupt: bool,
+) -> Run:
+    if not callable(step):
+        raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
+    check_inputs(model=model, optimizer=optimizer, data=data, names=names)
+    check_counts(epochs, steps)
+    check_policy(policy, headroom)
+    if not control_interval > 0:
+        raise UsageError(f"control_interval must be positive, got {control_interval}.")
+    spec = parse_devices(devices)
+    busy = slot.active_run()
+    if busy is not None:  # early, friendly check; the slot is claimed atomically later
+        raise UsageError(slot.busy_message(busy))
+    engine, controller, snapshots = build_backend(
+        spec, policy=policy, headroom=float(headroom), control_interval=control_interval
+    )
+    control = control or RunControl()
+    all_observers = list(observers)
+    if widget:
+        factory = widget if callable(widget) else dashboard_factory()
+        all_observers.append(factory(control, engine.device_names(), engine.simulated))
+    return Run(
+        step,
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        epochs=epochs,
+        steps=steps,
+        engine=engine,
+        controller=controller,
+        snapshots=snapshots,
+        policy=policy,
+        headroom=float(headroom),
+        control=control,
+        observers=all_observers,
+        control_interval=control_interval,
+        loss_name=loss_name,
+        data_name=(names or {}).get("data", "data"),
+        handle_interrupt=handle_interrupt,
+    )
+
+
+def train(
+    step: StepFn,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterable[Any],
+    epochs: int | None = None,
+    steps: int | None = None,
+    devices: str | Sequence[int] | None = "auto",
+    policy: str = "adaptive",
+    headroom: float = 0.1,
+    widget: bool | DashboardFactory = False,
+    observers: Sequence[Observer] = (),
+    control: RunControl | None = None,
+    control_interval: float = 2.0,
+    names: Mapping[str, str] | None = None,
+    loss_name: str = "loss",
+    progress: bool = False,
+) -> RunReport:
+    """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
+
+    adaptive_nb owns ``zero_grad``/``backward``/``optimizer.step``; the global batch never
+    changes, only where and how it is computed. ``epochs`` or ``steps`` (default: one
+    epoch). ``devices``: ``"auto"`` (all visible GPUs, else CPU), ``"cpu"``, ``"0,2"``,
+    or ``"sim:SCENARIO.json"`` (simulated fleet). ``policy``: ``"adaptive"`` (device set and
+    shares; CPU threads), ``"weights"`` (all devices, shares adapt) or ``"static"`` (equal
+    split, nothing adapts). ``headroom``: fraction of each GPU's memory kept free.
+
+    The loss must be the *mean* over the batch's samples (PyTorch's default
+    ``reduction="mean"``). When a batch does not fit the devices' memory it is run as
+    micro-batches with gradient accumulation, each micro-batch's loss weighted by its share
+    of the samples, which gives exactly the full-batch gradient for a mean loss. A summed
+    loss (``reduction="sum"``) would have its gradient scaled down by the number of
+    micro-batches then; a batch-level loss that is not a per-sample average (e.g.
+    contrastive losses over the whole batch) is only approximated. Across GPUs the loss is
+    computed on the gathered output, so the split alone never changes the gradient.
+
+    Raises :class:`~adaptive_nb.errors.UsageError` for bad input before anything runs.
+    ``progress=True`` prints a one-line text progress (step, samples/s, ETA, loss) and
+    each decision; ``widget=True`` shows the live dashboard in a notebook instead (or pass
+    the front-end's dashboard factory itself, as ``%%adaptive_train`` does).
+
+    A Ctrl-C / kernel interrupt stops at the next step boundary and raises
+    ``KeyboardInterrupt``; the partial report is on the exception's run
+    (``adaptive_nb.last_run().report``).
+    """
+    if progress:
+        observers = [*observers, TextProgress()]
+    run = _prepare(
+        step,
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        epochs=epochs,
+        steps=steps,
+        devices=devices,
+        policy=policy,
+        headroom=headroom,
+        widget=widget,
+        observers=observers,
+        control=control,
+        control_interval=control_interval,
+        names=names,
+        loss_name=loss_name,
+        handle_interrupt=True,
+    )
+    slot.set_last(run)
+    return run.execute()
+
+
+def start(step: StepFn, **kwargs: Any) -> Run:
+    """Like :func:`train` but runs on a background thread and returns the :class:`Run` at
+    once; ``run.wait()`` returns the report, ``run.control`` pauses/stops it."""
+    opts = _with_defaults(kwargs)
+    if opts.pop("progress"):
+        opts["observers"] = [*opts["observers"], TextProgress()]
+    run = _prepare(step, handle_interrupt=False, **opts)
+    try:
+        slot.claim(run)  # before the thread starts, so that no second run can slip in
+    except UsageError:
+        run._abandon()
+        raise
+    slot.set_last(run)
+
+    def target() -> None:
+        try:
+            run.execute()
+        except BaseException as exc:
+            run._error = exc
+
+    run._thread = threading.Thread(target=target, name=f"adaptive_nb-{run.run_id}", daemon=True)
+    try:
+        run._thread.start()
+    except BaseException:
+        slot.release(run)
+        run._abandon()
+        raise
+    return run
+
+
+def _with_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed with :func:`train`'s defaults (one signature for both)."""
+    params = inspect.signature(train).parameters
+    defaults = {
+        name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty
+    }
+    required = {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    required -= set(defaults)
+    unknown = set(kwargs) - set(defaults) - required
+    if unknown:
+        raise UsageError(f"unknown argument(s) to start(): {', '.join(sorted(unknown))}")
+    missing = required - set(kwargs)
+    if missing:
+        raise UsageError(f"start() needs {', '.join(sorted(missing))}.")
+    return {**defaults, **kwargs}

@@ -1,0 +1,479 @@
+"""The control loop: runs the user's step over the data, applying the allocation that the
+controller chooses, and produces a :class:`~adaptive_nb.report.RunReport`.
+
+Per global batch: apply control requests (pause/stop/policy...) at the step boundary,
+zero_grad, forward+backward on the engine (retrying the same batch after a recovered
+out-of-memory or a dropped device), ``optimizer.step()`` exactly once, record the
+measurement. Every ``control_interval`` seconds (engine clock) the controller re-plans.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batches import move_to
+from ..engine.base import Engine
+from ..errors import DeviceFailure, OutOfMemory, UsageError
+from ..events import Event, EventKind, Progress, RunInfo, TickRecord
+from ..monitor.snapshot import SnapshotSource
+from ..plan.base import Controller
+from ..plan.threads import ThreadController
+from ..step import StepFn, StepOutcome
+from . import slot
+from .attempt import align_optimizer_state, checked_step, forward_backward
+from .control import RunControl
+from .observers import Observer, SafeObservers
+from .records import run_summary, tick_record
+from .report import RunReport
+
+__all__ = ["Run"]
+
+log = logging.getLogger("adaptive_nb")
+
+PROGRESS_HZ = 4.0
+
+# Event kinds by which a controller reports a change of allocation (one decision may emit
+# several, e.g. a device left out and the shares moved): each decision is one reallocation.
+_ALLOCATION_KINDS = frozenset(
+    {
+        EventKind.REALLOCATE,
+        EventKind.DEVICES,
+        EventKind.DEVICE_DROPPED,
+        EventKind.DEVICE_READMITTED,
+        EventKind.MICROBATCH,
+    }
+)
+
+
+class Run:
+    """One training run: its state, its control mailbox, and (when finished) its report."""
+
+    def __init__(
+        self,
+        step: StepFn,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Iterable[Any],
+        epochs: int | None,
+        steps: int | None,
+        engine: Engine,
+        controller: Controller,
+        snapshots: SnapshotSource | None,
+        policy: str,
+        headroom: float,
+        control: RunControl | None = None,
+        observers: Sequence[Observer] = (),
+        control_interval: float = 2.0,
+        loss_name: str = "loss",
+        data_name: str = "data",
+        handle_interrupt: bool = True,
+    ) -> None:
+        self.run_id = uuid.uuid4().hex[:12]
+        self.step_fn = checked_step(step, loss_name)
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.epochs = epochs if (epochs is not None or steps is not None) else 1
+        self.steps = steps
+        self.engine = engine
+        self.controller = controller
+        self.snapshots = snapshots
+        self.policy = policy
+        self.headroom = headroom
+        self.control = control or RunControl()
+        self.control_interval = control_interval
+        self.data_name = data_name
+        self.handle_interrupt = handle_interrupt
+        self.events: list[Event] = []
+        self.timeline: list[TickRecord] = []
+        self._observers = SafeObservers(observers, self._observer_failed)
+        self.step = 0
+        self.epoch = 0
+        self.samples = 0
+        self.ended: str = "not started"
+        self.report: RunReport | None = None
+        self.oom_recovered = 0
+        self.device_failures = 0
+        self.reallocations = 0
+        self._t0 = 0.0
+        self._last_loss: torch.Tensor | None = None
+        self._rate = 0.0  # samples/s, smoothed
+        self._step_s = 0.0  # seconds per step, smoothed
+        self._own_s = 0.0  # time spent in adaptive_nb's bookkeeping (real seconds)
+        self._wall_real0 = 0.0
+        self._paused_s = 0.0  # engine-clock seconds spent paused (not training)
+        self._paused_real_s = 0.0
+        self._interrupts = 0
+        self._in_optimizer_step = False
+        self._finishing = False  # a repeated Ctrl-C must not lose the report being built
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._epochs_started = 0
+        self._util: dict[str, list[float]] = {}
+        self._peak_mem: dict[str, float] = {}
+        total = self._total_steps()
+        self.info = RunInfo(
+            run_id=self.run_id,
+            total_steps=total,
+            epochs=self.epochs,
+            policy=policy,
+            devices=engine.device_names(),
+            simulated=engine.simulated,
+            global_batch=None,
+            started_at=time.time(),
+        )
+
+    # -- public ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A small dict describing the run now (safe from any thread)."""
+        return {
+            "run_id": self.run_id,
+            "step": self.step,
+            "total_steps": self.info.total_steps,
+            "epoch": self.epoch,
+            "samples": self.samples,
+            "samples_per_s": self._rate,
+            "paused": self.control.paused,
+            "ended": self.ended,
+            "policy": self.controller.policy,
+            "devices": self.engine.device_names(),
+            "shares": self.controller.shares(),
+            "simulated": self.engine.simulated,
+            "background": self._thread is not None,
+        }
+
+    def wait(self, timeout: float | None = None) -> RunReport:
+        """Wait for a background run to finish and return its report (re-raising its error)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run {self.run_id} still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self.report is not None
+        return self.report
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # -- internals ------------------------------------------------------------------------
+    def _total_steps(self) -> int | None:
+        if self.steps is not None:
+            return self.steps
+        try:
+            n = len(self.data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        return None if self.epochs is None else n * self.epochs
+
+    def _now(self) -> float:
+        return self.engine.clock() - self._t0
+
+    def _event(self, kind: str, detail: str) -> None:
+        ev = Event(round(self._now(), 3), kind, detail, self.step)
+        self.events.append(ev)
+        self._observers.call("on_event", ev)
+
+    def _events(self, events: Iterable[Event]) -> None:
+        for ev in events:
+            self.events.append(ev)
+            self._observers.call("on_event", ev)
+
+    def _decision(self, events: Sequence[Event]) -> None:
+        """Log the events of one controller decision and count the reallocation it made
+        (each thread-count change counts; a re-plan counts once however many lines)."""
+        self._events(events)
+        self.reallocations += sum(1 for e in events if e.kind == EventKind.THREADS)
+        if any(e.kind in _ALLOCATION_KINDS for e in events):
+            self.reallocations += 1
+
+    def _observer_failed(self, detail: str) -> None:
+        self.events.append(Event(round(self._now(), 3), EventKind.NOTICE, detail, self.step))
+
+    def _batches(self) -> Iterator[Any]:
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            got = False
+            for batch in self.data:
+                if not got:
+                    got = True
+                    self.epoch = epoch
+                    self._epochs_started = epoch + 1
+                yield batch
+            if not got:
+                if self.step == 0:
+                    raise UsageError(
+                        f"`{self.data_name}` produced no batches: is the dataset empty, or an "
+                        "iterator that was already used up? Re-create it and run again."
+                    )
+                self._event(
+                    EventKind.NOTICE,
+                    f"`{self.data_name}` ran out after {self.step} steps (a one-shot iterator?)",
+                )
+                return
+            epoch += 1
+
+    def _apply_requests(self) -> None:
+        req = self.control.take()
+        if req.empty():
+            return
+        now, step = self._now(), self.step
+        if req.pause is True:
+            self._event(EventKind.PAUSE, f"paused at step {step} (requested)")
+        elif req.pause is False:
+            self._event(EventKind.RESUME, f"resumed at step {step}")
+        if req.policy is not None and req.policy != self.controller.policy:
+            old = self.controller.policy
+            self._decision(self.controller.set_policy(req.policy, now, step))
+            self._event(EventKind.POLICY, f"policy {old} → {req.policy} (requested)")
+        if req.headroom is not None and req.headroom != self.controller.headroom:
+            old_h = self.controller.headroom
+            self._decision(self.controller.set_headroom(req.headroom, now, step))
+            self._event(EventKind.HEADROOM, f"memory headroom {old_h:.2f} → {req.headroom:.2f}")
+        for pos, enabled in (req.device_enabled or {}).items():
+            names = self.engine.device_names()
+            name = names[pos] if 0 <= pos < len(names) else f"device {pos}"
+            self._decision(self.controller.set_device_enabled(pos, enabled, now, step))
+            self._event(
+                EventKind.DEVICES, f"{name} {'included' if enabled else 'excluded'} (requested)"
+            )
+        if req.stop:
+            self._event(EventKind.STOP, f"stop requested: stopping after step {step}")
+
+    def _progress(self, paused: bool = False) -> Progress:
+        total = self.info.total_steps
+        eta = None
+        if total is not None and self._step_s > 0:
+            eta = max(0, total - self.step) * self._step_s
+        loss = float(self._last_loss) if self._last_loss is not None else None
+        return Progress(
+            step=self.step,
+            total_steps=total,
+            epoch=self.epoch,
+            samples=self.samples,
+            elapsed_s=self._now(),
+            samples_per_s=self._rate,
+            eta_s=eta,
+            loss=loss,
+            paused=paused,
+        )
+
+    def _forward_backward(self, batch: Any) -> StepOutcome:
+        """Forward + backward of one batch (retried by :func:`.attempt.forward_backward`).
+        An out-of-memory counts as recovered only once the batch went through."""
+        outcome, ooms = forward_backward(
+            lambda: self.engine.forward_backward(self.step_fn, batch),
+            lambda: self.optimizer.zero_grad(set_to_none=True),
+            on_oom=self._on_oom,
+            on_device_failure=self._on_device_failure,
+        )
+        self.oom_recovered += ooms
+        return outcome
+
+    def _on_oom(self, err: OutOfMemory) -> Sequence[Event]:
+        events = self.controller.on_oom(err, self._now(), self.step)
+        self._decision(events)
+        return events
+
+    def _on_device_failure(self, err: DeviceFailure) -> Sequence[Event]:
+        self.device_failures += 1
+        events = self.controller.on_device_failure(err, self._now(), self.step)
+        self._decision(events)
+        return events
+
+    def _tick(self) -> None:
+        now = self._now()
+        snap = self.snapshots.latest() if self.snapshots is not None else None
+        self._decision(self.controller.tick(now, self.step, snap))
+        rec = tick_record(
+            now,
+            self.step,
+            snap,
+            names=self.engine.device_names(),
+            monitor_keys=self.engine.monitor_keys(),
+            shares=self.controller.shares(),
+            samples_per_s=self._rate,
+            loss=float(self._last_loss) if self._last_loss is not None else None,
+            threads=self.controller.threads(),
+            predicted_step_s=self.controller.predicted_step_s(),
+            measured_step_s=self._step_s or None,
+        )
+        for name, u in rec.util_pct.items():
+            self._util.setdefault(name, []).append(u)
+            self._peak_mem[name] = max(
+                self._peak_mem.get(name, 0.0), rec.mem_used_mb.get(name, 0.0)
+            )
+        self.timeline.append(rec)
+        self._observers.call("on_tick", rec)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._interrupts += 1
+        if self._interrupts >= 2 and not (self._in_optimizer_step or self._finishing):
+            raise KeyboardInterrupt
+        self.control.stop()
+
+    def execute(self) -> RunReport:
+        """Run to the end in the calling thread and return the report."""
+        try:
+            slot.claim(self)
+        except UsageError:
+            self._abandon()
+            raise
+        old_handler: Any = None
+        install = self.handle_interrupt and threading.current_thread() is threading.main_thread()
+        try:
+            if install:
+                old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            return self._execute()
+        finally:
+            if install:
+                signal.signal(signal.SIGINT, old_handler)
+            if isinstance(self.controller, ThreadController):
+                self.controller.restore()
+            try:
+                self.engine.close()
+            finally:
+                slot.release(self)
+                self._done.set()
+
+    def _abandon(self) -> None:
+        """The run will never execute: release what it holds and mark it done."""
+        self.ended = "not started"
+        try:
+            self.engine.close()
+        finally:
+            self._done.set()
+
+    def _execute(self) -> RunReport:
+        model = self.engine.prepare(self.model)
+        align_optimizer_state(self.optimizer)
+        wrapped_step = self.step_fn
+        self.step_fn = lambda _m, b: wrapped_step(model, b)
+        self._t0 = self.engine.clock()
+        self._wall_real0 = time.perf_counter()
+        self.ended = "running"
+        self._observers.call("on_start", self.info)
+        self._event(
+            EventKind.START,
+            f"training on {', '.join(self.info.devices)}"
+            f"{' (simulated)' if self.engine.simulated else ''}, policy {self.policy}",
+        )
+        notice = getattr(self.snapshots, "notice", None)
+        if isinstance(notice, str) and notice:
+            self._event(EventKind.NOTICE, notice)
+        primary = self.engine.primary_device()
+        interval = self.control_interval
+        next_tick = 0.0
+        next_progress = 0.0
+        last_t = self._now()
+        clock = time.perf_counter
+        batches = self._batches()
+        try:
+            self._apply_requests()
+            while True:
+                own0 = clock()
+                if self.control.paused and not self.control.stopped:
+                    self._observers.call("on_progress", self._progress(paused=True))
+                    pause0, pause0_real = self._now(), clock()
+                    while self.control.paused and not self.control.stopped:
+                        self.control.wait_while_paused(0.1)
+                        self._apply_requests()
+                    last_t = self._now()
+                    self._paused_s += last_t - pause0
+                    self._paused_real_s += clock() - pause0_real
+                    own0 = clock()  # waiting while paused is neither training nor overhead
+                if self.control.stopped:
+                    self.ended = "interrupted" if self._interrupts else "stopped"
+                    break
+                if self.steps is not None and self.step >= self.steps:
+                    break
+                self._own_s += clock() - own0  # data loading below is not our overhead
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                batch = move_to(batch, primary)
+                outcome = self._forward_backward(batch)
+                self._in_optimizer_step = True  # a second Ctrl-C waits until it is counted
+                self.optimizer.step()
+                self.step += 1
+                self.samples += outcome.samples
+                self._in_optimizer_step = False
+                own0 = clock()
+                self._last_loss = outcome.loss
+                self.controller.observe(outcome)
+                now = self._now()
+                dt = max(now - last_t, 1e-9)
+                last_t = now
+                a = 0.2 if self.step > 3 else 1.0
+                self._step_s = (1 - a) * self._step_s + a * dt
+                self._rate = (1 - a) * self._rate + a * (outcome.samples / dt)
+                if now >= next_tick:
+                    next_tick = now + interval
+                    self._tick()
+                if self._observers:
+                    real = time.monotonic()
+                    if real >= next_progress:
+                        next_progress = real + 1.0 / PROGRESS_HZ
+                        self._observers.call("on_progress", self._progress())
+                self._apply_requests()
+                self._own_s += clock() - own0
+            if self.ended == "running":
+                self.ended = "completed"
+        except DeviceFailure as exc:
+            # the controller could not re-plan without the failed device(s): stop cleanly
+            self.ended = "stopped: no usable device"
+            self._event(
+                EventKind.DEVICE_DROPPED,
+                f"{exc}; no device left to continue on: stopped after step {self.step}",
+            )
+            return self._finish()
+        except KeyboardInterrupt:
+            self.ended = "interrupted"
+            self._in_optimizer_step = False
+            self._finish()
+            raise
+        except BaseException as exc:
+            self.ended = f"error: {type(exc).__name__}"
+            self._finish(error=exc)
+            raise
+        if self.ended == "interrupted":
+            self._event(EventKind.INTERRUPT, f"interrupted: stopped cleanly after step {self.step}")
+            self._finish()
+            raise KeyboardInterrupt(f"adaptive_nb run stopped after step {self.step}")
+        return self._finish()
+
+    def _finish(self, error: BaseException | None = None) -> RunReport:
+        self._finishing = True
+        if error is not None and not isinstance(error, UsageError):
+            self._event(
+                EventKind.ERROR, f"{type(error).__name__}: {error} (after step {self.step})"
+            )
+        try:
+            self._tick()
+        except Exception as exc:  # a final tick must not hide the real outcome
+            log.debug("final tick failed: %s", exc)
+        self._event(EventKind.END, f"{self.ended} after {self.step} steps")
+        summary = run_summary(
+            self,
+            wall_s=self._now(),
+            real_wall_s=time.perf_counter() - self._wall_real0 - self._paused_real_s,
+        )
+        summary.update(self.controller.summary())
+        summary["events"] = [e.to_dict() for e in self.events]
+        self.report = RunReport(
+            info=self.info, summary=summary, timeline=list(self.timeline), events=list(self.events)
+        )
+        self._observers.call("on_progress", self._progress())
+        self._observers.call("on_end", self.report)
+        return self.report
