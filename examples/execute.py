@@ -1,11 +1,18 @@
 """Execute a notebook headless (nbclient) and write the executed notebook and an HTML copy.
 
 Usage: python examples/execute.py NOTEBOOK.ipynb OUTDIR [--timeout SECONDS]
+                                  [--kernel NAME] [--workdir DIR]
+
+The kernel runs in the notebook's own folder (its relative paths, e.g. a scenario file or
+``../build``, resolve as when opened in Jupyter) unless ``--workdir`` is given: then that
+folder's files are copied into DIR and the kernel runs there, so nothing is written next to
+the notebook (tests use this to keep the checkout clean).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,14 +27,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--timeout", type=int, default=600, help="per-cell timeout (s)")
+    parser.add_argument("--kernel", default="python3", help="kernelspec name (python3)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="run in a copy of the notebook's folder here"
+    )
     args = parser.parse_args(argv)
 
     nb = nbformat.read(args.notebook, as_version=4)
+    cwd = args.notebook.parent
+    if args.workdir is not None:
+        shutil.copytree(
+            cwd,
+            args.workdir,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"),
+        )
+        cwd = args.workdir
     client = NotebookClient(
         nb,
         timeout=args.timeout,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(args.notebook.parent)}},
+        kernel_name=args.kernel,
+        resources={"metadata": {"path": str(cwd)}},
         store_widget_state=True,
     )
     t0 = time.perf_counter()

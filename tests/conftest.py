@@ -1,9 +1,15 @@
-"""Shared fixtures: small models and data that train in milliseconds on CPU."""
+"""Shared fixtures: small models and data that train in milliseconds on CPU, and the
+kernelspec every notebook test runs its kernels on."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +69,58 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 
 def same_params(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# --- the test's own kernel ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotebookKernel:
+    """A kernelspec that runs ``ipykernel`` on the interpreter running the tests.
+
+    Notebook tests must not run on whichever ``python3`` kernel Jupyter finds first (a
+    system or user kernelspec can point at another interpreter without this checkout's
+    torch or adaptive_nb). ``jupyter_path`` is the ``share/jupyter`` folder holding
+    ``kernels/<name>/kernel.json``; put it on ``JUPYTER_PATH`` (see :meth:`env`)."""
+
+    name: str
+    jupyter_path: Path
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: ``os.environ``) with ``jupyter_path`` first on JUPYTER_PATH."""
+        env = dict(os.environ if base is None else base)
+        rest = env.get("JUPYTER_PATH", "")
+        env["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(self.jupyter_path), rest) if p)
+        return env
+
+    def metadata(self) -> dict[str, str]:
+        """The notebook's ``metadata.kernelspec`` naming this kernel."""
+        return {"name": self.name, "display_name": self.name, "language": "python"}
+
+
+def install_test_kernel(prefix: Path) -> NotebookKernel:
+    """Write a uniquely named kernelspec for ``sys.executable`` under ``prefix``."""
+    name = f"adaptive-nb-test-{os.getpid()}-{secrets.token_hex(4)}"
+    share = prefix / "share" / "jupyter"
+    spec_dir = share / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name,
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return NotebookKernel(name=name, jupyter_path=share)
+
+
+@pytest.fixture(scope="session")
+def _nb_kernel_spec(tmp_path_factory: pytest.TempPathFactory) -> NotebookKernel:
+    return install_test_kernel(tmp_path_factory.mktemp("kernelspec"))
+
+
+@pytest.fixture
+def nb_kernel(_nb_kernel_spec: NotebookKernel, monkeypatch: pytest.MonkeyPatch) -> NotebookKernel:
+    """This interpreter's kernelspec, on ``JUPYTER_PATH`` for the test (and the servers and
+    subprocesses it starts); pass ``nb_kernel.name`` as the kernel name."""
+    monkeypatch.setenv("JUPYTER_PATH", _nb_kernel_spec.env()["JUPYTER_PATH"])
+    return _nb_kernel_spec

@@ -9,6 +9,7 @@ from typing import Any
 
 import nbformat
 import pytest
+from conftest import NotebookKernel
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,23 +31,22 @@ loss = nn.functional.cross_entropy(model(x), y)
 """
 
 
-def _run(tmp_path: Path, cells: list[str]) -> Any:
+def _run(tmp_path: Path, cells: list[str], kernel: NotebookKernel) -> Any:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env_path) if p)
-    try:
+    nb.metadata["kernelspec"] = kernel.metadata()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(
+            "PYTHONPATH",
+            os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        )
         client = NotebookClient(
-            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+            nb,
+            timeout=120,
+            kernel_name=kernel.name,
+            resources={"metadata": {"path": str(tmp_path)}},
         )
         client.execute()
-    finally:
-        os.environ["PYTHONPATH"] = env_path
     return nb
 
 
@@ -60,10 +60,11 @@ def _of(models: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(180)
-def test_train_cell_saves_figures_and_a_finished_progress_bar(tmp_path: Path) -> None:
-    nb = _run(
-        tmp_path, ["%load_ext adaptive_nb", SETUP, TRAIN, "print(_adaptive.summary['ended'])"]
-    )
+def test_train_cell_saves_figures_and_a_finished_progress_bar(
+    tmp_path: Path, nb_kernel: NotebookKernel
+) -> None:
+    cells = ["%load_ext adaptive_nb", SETUP, TRAIN, "print(_adaptive.summary['ended'])"]
+    nb = _run(tmp_path, cells, nb_kernel)
     models = _widget_models(nb)
     figures = _of(models, "FigureModel")
     titles = sorted(f["title"] for f in figures)
@@ -88,12 +89,14 @@ def test_train_cell_saves_figures_and_a_finished_progress_bar(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(180)
-def test_monitor_cell_shows_plots_and_a_report(tmp_path: Path) -> None:
+def test_monitor_cell_shows_plots_and_a_report(tmp_path: Path, nb_kernel: NotebookKernel) -> None:
     cell = (
         "%%adaptive_monitor --rate 20\nimport time\n"
         "s = sum(i * i for i in range(200_000))\ntime.sleep(0.5)\ns"
     )
-    nb = _run(tmp_path, ["%load_ext adaptive_nb", cell, "print(_adaptive_monitor.samples)"])
+    nb = _run(
+        tmp_path, ["%load_ext adaptive_nb", cell, "print(_adaptive_monitor.samples)"], nb_kernel
+    )
     models = _widget_models(nb)
     titles = sorted(f["title"] for f in _of(models, "FigureModel"))
     assert titles == ["Memory per device (GiB)", "Utilisation per device (%)"]
