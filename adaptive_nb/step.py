@@ -27,3 +27,8 @@ class StepOutcome:
     device_batch: dict[int, int] = field(default_factory=dict)  # position -> samples
     peak_mem_mb: dict[int, float] = field(default_factory=dict)
     micro_batches: int = 1
+    # From the CUDA caching allocator, when the engine has it (position -> MB over the step):
+    # peak *allocated* is what the step needs (the memory model's demand); peak *reserved*
+    # minus it is the allocator's cache/fragmentation slack, kept as a separate margin.
+    peak_alloc_mb: dict[int, float] = field(default_factory=dict)
+    reserved_mb: dict[int, float] = field(default_factory=dict)

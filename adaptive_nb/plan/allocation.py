@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,6 +27,8 @@ from .base import Controller
 from .planner import DeviceModel, Overhead, best_plan, evaluate, static_plan
 
 __all__ = ["AllocatableEngine", "AllocationController"]
+
+log = logging.getLogger(__name__)
 
 
 class AllocatableEngine(Protocol):
@@ -106,6 +110,8 @@ class AllocationController(Controller):
             for i in range(len(names))
         ]
         self.memory = MemoryModel()
+        self._slack_mb: deque[float] = deque(maxlen=64)  # reserved − allocated high-water
+        self._alloc_high: dict[int, float] = {}  # position -> highest peak allocated since
         self.mape = MapeTracker()
         self._overhead_obs: dict[int, float] = {}
         self._batch = 0
@@ -155,10 +161,16 @@ class AllocationController(Controller):
             over = max(0.0, outcome.wall_s / m - slowest)
             prev = self._overhead_obs.get(used)
             self._overhead_obs[used] = over if prev is None else 0.8 * prev + 0.2 * over
-        for pos, mb in outcome.peak_mem_mb.items():
+        # Demand is peak *allocated* when the engine measured it: the reserved high-water
+        # mark stays up after a chunk shrinks (the cache keeps its blocks), so fitting it
+        # would flatten the slope and over-fill the next larger chunk.
+        demand = outcome.peak_alloc_mb or outcome.peak_mem_mb
+        for pos, mb in demand.items():
             b = outcome.device_batch.get(pos, 0) / m
             if b > 0:
                 self.memory.update(b, mb, pos == self.primary)
+                if outcome.peak_alloc_mb:
+                    self._note_slack(pos, mb, outcome)
 
     # -- ticks ----------------------------------------------------------------------------
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
@@ -210,11 +222,32 @@ class AllocationController(Controller):
         ext = max(d.ext_mem.last or 0.0, d.ext_mem.forecast(2 * self.control_interval) or 0.0)
         return max(0.0, d.total_mb - ext)
 
+    def _note_slack(self, pos: int, alloc_mb: float, outcome: StepOutcome) -> None:
+        """Slack is reserved minus the *highest* allocation the cache has served on that
+        device: after a chunk shrinks the cache keeps the larger chunk's blocks, which the
+        next larger chunk reuses, so that part is not slack. A reserved figure below the
+        high-water mark means the cache was emptied: start the high-water mark again."""
+        reserved = outcome.reserved_mb.get(pos, outcome.peak_mem_mb.get(pos))
+        if reserved is None:
+            return
+        high = self._alloc_high.get(pos, 0.0)
+        high = alloc_mb if reserved < high else max(high, alloc_mb)
+        self._alloc_high[pos] = high
+        self._slack_mb.append(max(0.0, reserved - high))
+
+    def reserve_margin_mb(self) -> float:
+        """Memory kept free beyond the modelled demand for the caching allocator's
+        rounding and fragmentation (reserved − allocated at the high-water mark, median of
+        recent steps); 0 until the engine reports allocator figures (the demand then is
+        the reserved peak itself, slack included)."""
+        return statistics.median(self._slack_mb) if self._slack_mb else 0.0
+
     def _cap(self, d: _Device) -> int | None:
         cap = d.oom_cap
         avail = self._available_mb(d)
         if avail is not None and self.memory.ready:
-            fit = self.memory.max_samples(avail * (1.0 - self.headroom), d.position == self.primary)
+            room = avail * (1.0 - self.headroom) - self.reserve_margin_mb()
+            fit = self.memory.max_samples(room, d.position == self.primary)
             cap = fit if cap is None else min(cap, fit)
         return cap
 
@@ -431,7 +464,21 @@ class AllocationController(Controller):
         self._predicted = new.predicted_step_s
         self.replans += 1
         self.engine.apply_plan(new)
+        self._release(old_set - new_set)
         return events
+
+    def _release(self, positions: set[int]) -> None:
+        """Ask the engine to give back the cached memory of devices it no longer uses, so
+        that the job that pushed us off (or anyone) can have it. Optional engine hook
+        ``release_device(position)``; best effort (a failed device may refuse)."""
+        release = getattr(self.engine, "release_device", None)
+        if release is None:
+            return
+        for pos in sorted(positions):
+            try:
+                release(pos)
+            except Exception as exc:  # a lost GPU cannot empty its cache: nothing to give
+                log.debug("releasing device %s failed: %s", pos, exc)
 
     def _why(self, d: _Device, now: float, new: Plan) -> str:
         cap = self._cap(d)
@@ -553,8 +600,10 @@ class AllocationController(Controller):
                 positions = [x.position for x in self._candidates()]
                 new = static_plan(positions, len(self.devices), 0)
                 if new is not None:
+                    dropped = set(self.plan.devices) - set(new.devices)
                     self.plan = new
                     self.engine.apply_plan(new)
+                    self._release(dropped)
             return []
         return self._replan(now, step, forced=True, cause="requested")
 
