@@ -53,11 +53,14 @@ def test_json_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     report.to_json(path)
     back = RunReport.from_json(path)
-    assert back.summary == json.loads(path.read_text())["summary"]
+    # the loaded report equals the original, not merely the file it was read from
+    assert back.summary == report.summary
     assert back.timeline == report.timeline
     assert back.events == report.events
     assert back.info == report.info
-    assert RunReport.from_json(report.to_json()).summary["steps"] == 20
+    assert json.loads(path.read_text())["summary"]["prediction_mape_pct"] == 7.1
+    from_text = RunReport.from_json(report.to_json())
+    assert from_text.summary == report.summary and from_text.timeline == report.timeline
 
 
 def test_csv_has_one_row_per_tick_with_device_columns(tmp_path: Path) -> None:
@@ -99,6 +102,10 @@ def test_a_real_run_report_exports(tmp_path: Path, tiny: Any) -> None:
     ):
         assert key in report.summary, key
     report.to_csv(tmp_path / "t.csv")
+    assert len(list(csv.DictReader((tmp_path / "t.csv").open()))) == len(report.timeline)
     again = RunReport.from_json(report.to_json(tmp_path / "r.json"))
+    assert again.summary == report.summary
     assert again.summary["steps"] == 6
+    assert again.timeline == report.timeline
     assert again.events == report.events
+    assert again.info == report.info
