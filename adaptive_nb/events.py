@@ -32,6 +32,8 @@ class EventKind:
     INTERRUPT = "interrupt"
     ERROR = "error"
     NOTICE = "notice"
+    NONFINITE = "nonfinite"  # inf/NaN gradients: the optimizer step was skipped
+    EVAL = "eval"  # an evaluation ran (metrics in the detail and the report)
     END = "end"
 
 
@@ -75,6 +77,7 @@ class Progress:
     eta_s: float | None
     loss: float | None
     paused: bool = False
+    lr: float | None = None  # learning rate of the first parameter group
 
 
 @dataclass(frozen=True)
