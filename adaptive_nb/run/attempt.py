@@ -5,6 +5,8 @@ gradients cleared."""
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,8 +16,15 @@ from torch import nn
 from ..errors import DeviceFailure, LossError, OutOfMemory
 from ..events import Event
 from ..step import StepFn, StepOutcome
+from .rollback import OptimizerRollback, StepRollback, devices_of, optimizer_params
 
-__all__ = ["MAX_RETRIES", "align_optimizer_state", "checked_step", "forward_backward"]
+__all__ = [
+    "MAX_RETRIES",
+    "align_optimizer_state",
+    "apply_optimizer_step",
+    "checked_step",
+    "forward_backward",
+]
 
 MAX_RETRIES = 8
 
@@ -70,12 +79,24 @@ def forward_backward(
     *,
     on_oom: Callable[[OutOfMemory], Sequence[Event]],
     on_device_failure: Callable[[DeviceFailure], Sequence[Event]],
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    rollback: StepRollback | None = None,
 ) -> tuple[StepOutcome, int]:
     """Run ``run_step`` (gradients cleared first), retrying the same batch after each
     out-of-memory or dropped device the controller re-planned around (``on_oom`` /
     ``on_device_failure`` re-plan, or re-raise when they cannot). Returns the outcome and
     the number of out-of-memory errors recovered on the way; re-raises after
-    :data:`MAX_RETRIES` retries."""
+    :data:`MAX_RETRIES` retries.
+
+    Given the ``model`` (and its ``optimizer``), a retry starts from exactly the state the
+    first attempt saw: buffers (batch-norm running statistics) and the gradients of
+    parameters outside the optimizer are restored (:class:`.rollback.StepRollback`; pass a
+    ``rollback`` kept across steps to reuse its buffer copies)."""
+    if rollback is None and model is not None:
+        rollback = StepRollback(model, optimizer)
+    if rollback is not None:
+        rollback.take()
     retries = 0
     ooms = 0
     while True:
@@ -86,12 +107,121 @@ def forward_backward(
             retries += 1
             if retries > MAX_RETRIES:
                 raise
-            zero_grad()
+            _drop_traceback(err)
+            _undo(zero_grad, rollback)
             on_oom(err)
             ooms += 1
         except DeviceFailure as err:
             retries += 1
-            zero_grad()
+            _drop_traceback(err)
+            _undo(zero_grad, rollback)
             on_device_failure(err)
             if retries > MAX_RETRIES:
                 raise
+
+
+def _undo(zero_grad: Callable[[], None], rollback: StepRollback | None) -> None:
+    zero_grad()
+    if rollback is not None:
+        rollback.restore()
+
+
+def _drop_traceback(err: BaseException) -> None:
+    """Let the failed attempt's frames (and the tensors they hold) go before anything tries
+    to free device memory; the message and the error type stay."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+
+
+_STEPPED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_OOM_MESSAGE = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, OutOfMemory)):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_OOM_MESSAGE.search(str(exc)))
+
+
+def _free_cache(devices: Sequence[torch.device]) -> None:
+    if not torch.cuda.is_available():
+        return
+    for dev in devices:
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                torch.cuda.empty_cache()
+
+
+def _per_parameter_updates(optimizer: torch.optim.Optimizer) -> bool:
+    """Switch multi-tensor (``foreach``) updates off: they allocate temporaries for all
+    parameters at once; the per-parameter loop needs one parameter's worth. True if any
+    group changed."""
+    changed = False
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is not False:
+            group["foreach"] = False
+            changed = True
+    return changed
+
+
+def apply_optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    *,
+    on_oom: Callable[[OutOfMemory], object] | None = None,
+    step: Callable[[], object] | None = None,
+) -> int:
+    """``optimizer.step()`` (or ``step()``, e.g. an engine's timed wrapper of it) applied
+    exactly once, recovering an out-of-memory where that can be done exactly.
+
+    Where the step can run out of memory is where the optimizer allocates: its *first*
+    step creates its state (Adam: two tensors per parameter). So the first step of an
+    optimizer is guarded by a host-memory copy of its parameters and state
+    (:class:`.rollback.OptimizerRollback`, taken once): after an out-of-memory they are
+    restored exactly, the failed attempt's references dropped and the device caches
+    emptied, and the step retried; then retried once more with per-parameter
+    (``foreach=False``) updates, which need far less scratch memory. Later steps reuse the
+    memory the first one needed and are not copied (that would cost a model's worth of
+    traffic every step): an out-of-memory there stops the run with a message saying so.
+    ``on_oom`` hears of each recovered out-of-memory (the loop lets the controller leave
+    room on the primary). Returns the number recovered."""
+    run = step if step is not None else optimizer.step
+    rollback = OptimizerRollback(optimizer) if optimizer not in _STEPPED else None
+    tried: list[str] = []
+    while True:
+        try:
+            run()
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            first_line = (str(exc).splitlines() or ["out of memory"])[0]
+            _drop_traceback(exc)
+            del exc
+            if rollback is None:
+                raise OutOfMemory(
+                    f"optimizer.step() ran out of memory ({first_line}) after earlier steps "
+                    "had fitted: the update may be partly applied (torch updates parameters "
+                    "in place), so training stops here. Free GPU memory held elsewhere (other "
+                    "tensors or processes) or use an optimizer with foreach=False."
+                ) from None
+            rollback.restore()
+            _free_cache(devices_of(optimizer_params(optimizer)))
+            if not tried:
+                tried.append("emptied the allocator cache")
+            elif len(tried) == 1 and _per_parameter_updates(optimizer):
+                tried.append("switched to per-parameter updates (foreach=False)")
+            else:
+                raise OutOfMemory(
+                    f"optimizer.step() ran out of memory on its first step ({first_line}): "
+                    f"tried: {'; '.join(tried)}. Nothing was applied: parameters and "
+                    "optimizer state are as before the step. The optimizer state does not fit "
+                    "next to the model: use a lighter optimizer (e.g. SGD) or a smaller model."
+                ) from None
+            if on_oom is not None:
+                on_oom(OutOfMemory(f"optimizer.step() ran out of memory; {tried[-1]}, retrying"))
+            continue
+        _STEPPED.add(optimizer)
+        return len(tried)

@@ -34,6 +34,7 @@ from .control import RunControl
 from .observers import Observer, SafeObservers
 from .records import run_summary, tick_record
 from .report import RunReport
+from .rollback import StepRollback
 
 __all__ = ["Run"]
 
@@ -271,11 +272,15 @@ class Run:
     def _forward_backward(self, batch: Any) -> StepOutcome:
         """Forward + backward of one batch (retried by :func:`.attempt.forward_backward`).
         An out-of-memory counts as recovered only once the batch went through."""
+        rollback: StepRollback | None = getattr(self, "_step_rollback", None)
+        if rollback is None:  # kept across steps: its buffer copies are reused
+            rollback = self._step_rollback = StepRollback(self.model, self.optimizer)
         outcome, ooms = forward_backward(
             lambda: self.engine.forward_backward(self.step_fn, batch),
             lambda: self.optimizer.zero_grad(set_to_none=True),
             on_oom=self._on_oom,
             on_device_failure=self._on_device_failure,
+            rollback=rollback,
         )
         self.oom_recovered += ooms
         return outcome
