@@ -10,7 +10,7 @@ Usage (sync Playwright API)::
         with browser_page() as page:              # Debian chromium, never downloaded
             open_notebook(page, lab, "demo.ipynb")
             run_command(page, "notebook:run-all-cells")
-            page.screenshot(path="build/demo.png")
+            screenshot(page, tmp_path, "demo.png")  # tmp_path; copied to $ADAPTIVE_NB_SCREENSHOTS
 
 * :class:`LabServer` starts ``python -m jupyterlab`` with a random token, ``--allow-root``,
   no browser, a temporary root dir and temporary settings/workspace/runtime dirs (so no
@@ -18,6 +18,10 @@ Usage (sync Playwright API)::
   the REST API. It exposes the app as ``window.jupyterapp`` so tests can run commands.
 * :func:`browser_page` yields a Playwright ``Page`` in a fresh context; everything is
   closed on exit even when the test fails.
+* :func:`screenshot` writes a picture into the test's temporary folder, and copies it into
+  the folder named by ``ADAPTIVE_NB_SCREENSHOTS`` only when that is set (e.g.
+  ``ADAPTIVE_NB_SCREENSHOTS=docs/images`` to refresh the README's pictures): tests never
+  write into the checkout otherwise.
 * :func:`chromium_missing` returns a reason string when the browser test cannot run
   (no ``/usr/bin/chromium`` or no Playwright); use it with ``pytest.mark.skipif``.
 
@@ -48,6 +52,7 @@ from typing import Any
 __all__ = [
     "CHROMIUM",
     "CHROMIUM_ARGS",
+    "SCREENSHOTS_ENV",
     "TINY_TRAINING_SETUP",
     "LabServer",
     "browser_page",
@@ -55,6 +60,7 @@ __all__ = [
     "free_port",
     "open_notebook",
     "run_command",
+    "screenshot",
     "wait_kernel_idle",
 ]
 
@@ -66,6 +72,7 @@ CHROMIUM_ARGS = (
     "--disable-component-update",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS_ENV = "ADAPTIVE_NB_SCREENSHOTS"
 
 
 def free_port() -> int:
@@ -318,6 +325,19 @@ def run_command(
         "([c, a]) => { window.jupyterapp.commands.execute(c, a); }", [command, dict(args or {})]
     )
     return None
+
+
+def screenshot(target: Any, tmp_dir: Path, name: str, **kwargs: Any) -> Path:
+    """Screenshot ``target`` (a Playwright Page or Locator) to ``tmp_dir / name`` and
+    return that path; also copy it into ``$ADAPTIVE_NB_SCREENSHOTS`` when that is set.
+    ``kwargs`` go to Playwright's ``screenshot`` (e.g. ``full_page=True``)."""
+    path = tmp_dir / name
+    target.screenshot(path=str(path), **kwargs)
+    keep = os.environ.get(SCREENSHOTS_ENV)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(keep) / name)
+    return path
 
 
 TINY_TRAINING_SETUP = """\

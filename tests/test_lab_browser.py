@@ -1,7 +1,8 @@
 """The JupyterLab extension in a real JupyterLab, driven by headless Debian chromium: the
 "Adaptive resources" sidebar shows CPU/RAM (and GPUs or a no-GPU notice), the status bar
 summarises, and a ``%%adaptive_train`` run appears while it trains and goes when it stops.
-Screenshots: ``build/lab_resources.png`` (light) and ``build/lab_resources_dark.png``."""
+Screenshots (``lab_resources.png`` light, ``lab_resources_dark.png``, ``lab_resources_gpus.png``)
+go to the test's temporary folder, and to ``$ADAPTIVE_NB_SCREENSHOTS`` when that is set."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from typing import Any
 
 import nbformat
 import pytest
+from conftest import NotebookKernel
 from lab_session import (
     TINY_TRAINING_SETUP,
     LabServer,
     browser_page,
     chromium_missing,
     run_command,
+    screenshot,
     wait_kernel_idle,
 )
 
@@ -30,7 +33,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "build"
 BUILT_EXTENSION = REPO / "adaptive_nb" / "labextension"
 
 CELLS = [
@@ -82,7 +84,7 @@ threading.Thread(target=_animate, daemon=True).start()
 """
 
 
-def _start_lab(config_py: str | None = None) -> Iterator[LabServer]:
+def _start_lab(kernel: NotebookKernel, config_py: str | None = None) -> Iterator[LabServer]:
     if not (BUILT_EXTENSION / "package.json").exists():
         pytest.fail(
             f"the JupyterLab extension is not built ({BUILT_EXTENSION} is missing): "
@@ -95,7 +97,7 @@ def _start_lab(config_py: str | None = None) -> Iterator[LabServer]:
             "--ServerApp.jpserver_extensions={'adaptive_nb.jupyter.server': True}",
             f"--LabApp.extra_labextensions_path={ext_dir}",
         ]
-        env = {}
+        env = {"JUPYTER_PATH": kernel.env()["JUPYTER_PATH"]}
         if config_py is not None:
             (Path(ext_dir) / "config").mkdir()
             (Path(ext_dir) / "config" / "jupyter_server_config.py").write_text(config_py)
@@ -105,23 +107,19 @@ def _start_lab(config_py: str | None = None) -> Iterator[LabServer]:
 
 
 @pytest.fixture
-def lab() -> Iterator[LabServer]:
-    yield from _start_lab()
+def lab(nb_kernel: NotebookKernel) -> Iterator[LabServer]:
+    yield from _start_lab(nb_kernel)
 
 
 @pytest.fixture
-def lab_with_simulated_gpus() -> Iterator[LabServer]:
-    yield from _start_lab(SIMULATED_GPUS_CONFIG)
+def lab_with_simulated_gpus(nb_kernel: NotebookKernel) -> Iterator[LabServer]:
+    yield from _start_lab(nb_kernel, SIMULATED_GPUS_CONFIG)
 
 
-def _write_notebooks(root: Path) -> None:
+def _write_notebooks(root: Path, kernel: NotebookKernel) -> None:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
+    nb.metadata["kernelspec"] = kernel.metadata()
     nbformat.write(nb, root / "train.ipynb")
     other = nbformat.v4.new_notebook()
     other.metadata["kernelspec"] = nb.metadata["kernelspec"]
@@ -180,9 +178,10 @@ def _start_training(page: Any) -> None:
     )
 
 
-def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
-    BUILD.mkdir(exist_ok=True)
-    _write_notebooks(lab.root_dir)
+def test_sidebar_shows_resources_and_an_active_run(
+    lab: LabServer, nb_kernel: NotebookKernel, tmp_path: Path
+) -> None:
+    _write_notebooks(lab.root_dir, nb_kernel)
     resources = lab.api("GET", "/adaptive-nb/api/resources")
 
     with browser_page(width=1400, height=900) as page:
@@ -215,7 +214,7 @@ def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
             timeout=15_000,
         )
         time.sleep(2.5)  # a few more samples for the sparklines
-        page.screenshot(path=str(BUILD / "lab_resources.png"))
+        screenshot(page, tmp_path, "lab_resources.png")
 
         # clicking the run's notebook opens (activates) it
         run_command(page, "docmanager:open", {"path": "other.ipynb"})
@@ -228,7 +227,7 @@ def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
             "() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000
         )
         time.sleep(1.5)
-        page.screenshot(path=str(BUILD / "lab_resources_dark.png"))
+        screenshot(page, tmp_path, "lab_resources_dark.png")
 
         # interrupting the kernel ends the run; its card goes away
         run_command(page, "kernelmenu:interrupt")
@@ -238,11 +237,10 @@ def test_sidebar_shows_resources_and_an_active_run(lab: LabServer) -> None:
 
 
 def test_simulated_gpus_show_charts_and_the_notebook_of_each_gpu_process(
-    lab_with_simulated_gpus: LabServer,
+    lab_with_simulated_gpus: LabServer, nb_kernel: NotebookKernel, tmp_path: Path
 ) -> None:
     lab = lab_with_simulated_gpus
-    BUILD.mkdir(exist_ok=True)
-    _write_notebooks(lab.root_dir)
+    _write_notebooks(lab.root_dir, nb_kernel)
 
     with browser_page(width=1400, height=900) as page:
         panel = _open_train_notebook_and_panel(page, lab)
@@ -273,7 +271,7 @@ def test_simulated_gpus_show_charts_and_the_notebook_of_each_gpu_process(
         )
         _widen_left_sidebar(page, 90)
         time.sleep(20)  # let the sparklines fill for the picture
-        page.screenshot(path=str(BUILD / "lab_resources_gpus.png"))
+        screenshot(page, tmp_path, "lab_resources_gpus.png")
 
         # a click on the process table's notebook opens it
         run_command(page, "docmanager:open", {"path": "other.ipynb"})
