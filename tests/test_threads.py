@@ -1,4 +1,8 @@
-"""CPU thread policy: try, measure, keep the best, hold under 5 %, re-probe on load change."""
+"""CPU thread policy: try, measure, keep the best, hold under 5 %, re-probe on load change.
+
+These tests exercise the probe itself, so they build the controller with
+``probe_budget=None`` (probe from the first step, whatever the run's length); when a probe
+starts at all is tested in ``test_thread_probe_budget.py``."""
 
 from __future__ import annotations
 
@@ -62,7 +66,9 @@ def test_candidates_cover_one_powers_of_two_and_all() -> None:
 
 def test_picks_the_fastest_thread_count() -> None:
     t = FakeThreads(8)
-    ctl = ThreadController(cores=8, window=3, warmup=1, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=8, window=3, warmup=1, set_threads=t.set, get_threads=t.get
+    )
     rates = {1: 100.0, 2: 180.0, 4: 300.0, 6: 310.0, 8: 250.0}
     events = drive(ctl, t, rates, 60)
     assert t.n == 6
@@ -74,7 +80,9 @@ def test_picks_the_fastest_thread_count() -> None:
 
 def test_holds_when_the_gain_is_under_five_percent() -> None:
     t = FakeThreads(4)
-    ctl = ThreadController(cores=4, window=3, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=4, window=3, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     rates = {1: 100.0, 2: 200.0, 4: 300.0}
     rates_close = {**rates, 2: 310.0}  # 2 threads only 3 % faster than the held 4
     events = drive(ctl, t, rates_close, 40)
@@ -85,7 +93,9 @@ def test_holds_when_the_gain_is_under_five_percent() -> None:
 
 def test_says_when_there_is_nothing_to_try() -> None:
     t = FakeThreads(1)
-    ctl = ThreadController(cores=1, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=1, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     events = drive(ctl, t, {1: 50.0}, 10)
     assert [e.kind for e in events] == [EventKind.HOLD]
     assert "only choice" in events[0].detail
@@ -95,7 +105,13 @@ def test_says_when_there_is_nothing_to_try() -> None:
 def test_static_policy_never_touches_threads() -> None:
     t = FakeThreads(4)
     ctl = ThreadController(
-        policy="static", cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+        probe_budget=None,
+        policy="static",
+        cores=4,
+        window=2,
+        warmup=0,
+        set_threads=t.set,
+        get_threads=t.get,
     )
     events = drive(ctl, t, {1: 500.0, 2: 10.0, 4: 10.0}, 30)
     assert t.history == [4]
@@ -104,7 +120,9 @@ def test_static_policy_never_touches_threads() -> None:
 
 def test_reprobes_when_external_load_changes_and_adapts() -> None:
     t = FakeThreads(4)
-    ctl = ThreadController(cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     idle = {1: 100.0, 2: 190.0, 4: 360.0}
     busy = {1: 100.0, 2: 150.0, 4: 60.0}  # another job now uses the cores
     drive(ctl, t, idle, 20)
@@ -120,7 +138,9 @@ def test_reprobes_when_external_load_changes_and_adapts() -> None:
 
 def test_a_single_load_blip_does_not_reprobe() -> None:
     t = FakeThreads(2)
-    ctl = ThreadController(cores=2, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=2, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     drive(ctl, t, {1: 100.0, 2: 190.0}, 10)
     probes = ctl.probes
     ctl.tick(10.0, 10, host(cpu_pct=50, proc_pct=100, cores=2))
@@ -131,7 +151,9 @@ def test_a_single_load_blip_does_not_reprobe() -> None:
 
 def test_restore_puts_the_original_count_back() -> None:
     t = FakeThreads(2)
-    ctl = ThreadController(cores=2, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=2, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     drive(ctl, t, {1: 300.0, 2: 100.0}, 10)
     assert t.n == 1
     ctl.restore()
@@ -158,7 +180,9 @@ def test_external_load_is_measured_on_the_whole_machine_under_a_cpu_quota() -> N
         )
 
     t = FakeThreads(4)
-    ctl = ThreadController(cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=4, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     drive(ctl, t, {1: 100.0, 2: 190.0, 4: 360.0}, 20)
     probes = ctl.probes
     ctl.tick(20.0, 20, on_host(6.25))  # only us: external 0 %
@@ -177,14 +201,18 @@ def test_candidates_respect_the_cgroup_cpu_quota(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(host_mod, "_affinity_count", lambda: 64)
     monkeypatch.setattr(host_mod.os, "cpu_count", lambda: 64)
     t = FakeThreads(64)
-    ctl = ThreadController(window=2, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, window=2, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     drive(ctl, t, {1: 100.0, 2: 190.0, 3: 250.0, 64: 10.0}, 20)
     assert max(t.history[1:]) == 3  # never more threads than the quota's whole cores
 
 
 def test_a_clearly_slower_candidate_is_dropped_after_two_steps() -> None:
     t = FakeThreads(2)
-    ctl = ThreadController(cores=2, window=6, warmup=0, set_threads=t.set, get_threads=t.get)
+    ctl = ThreadController(
+        probe_budget=None, cores=2, window=6, warmup=0, set_threads=t.set, get_threads=t.get
+    )
     steps_at = {1: 0, 2: 0}
     for _ in range(12):
         steps_at[t.n] += 1

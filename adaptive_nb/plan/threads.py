@@ -3,6 +3,15 @@
 Try each candidate thread count for a short window of steps, keep the best, hold unless a
 change gains at least ``min_gain`` (5 %), and probe again when the machine's external CPU
 load changes. Every decision is an event; when nothing is to be gained it says so and holds.
+
+Probing costs training time (a candidate with fewer threads runs slower while measured);
+on a short run that cost is the loop's whole overhead. So the first probe starts only once
+its worst-case cost (in steps at the held count) is at most ``probe_budget`` (1 %) of the
+run: of the expected steps when the run's length is known, else of the steps run so far (a
+short run never probes). On an idle machine fewer threads than the usable cores cannot win
+unless steps are tiny (per-op thread synchronisation), so they are not tried. What a probe
+learned is remembered for the same model, batch size and cores (:mod:`.thread_probe`): the
+same cell run again holds it at once. A sustained external load change re-probes at once.
 """
 
 from __future__ import annotations
@@ -10,29 +19,24 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
 
 import torch
+from torch import nn
 
 from ..events import Event, EventKind
 from ..monitor.snapshot import Snapshot
 from ..step import StepOutcome
 from .base import Controller
+from .thread_probe import Learned, model_signature, probe_cost_steps, recall, remember
+from .thread_probe import thread_candidates as thread_candidates
 
-__all__ = ["ThreadController", "thread_candidates"]
+__all__ = ["ThreadController", "Workload", "thread_candidates"]
 
-
-def thread_candidates(cores: int) -> list[int]:
-    """Thread counts worth trying on ``cores`` usable cores: 1, powers of two, and all."""
-    cores = max(1, int(cores))
-    out = {1, cores}
-    n = 2
-    while n < cores:
-        out.add(n)
-        n *= 2
-    if cores >= 6:
-        out.add(cores // 2 + cores // 4)  # e.g. 6 of 8: leaves room for data loading
-    return sorted(out)
+Workload = Callable[[], "tuple[nn.Module | None, int | None]"]
+"""Returns the run's model and expected number of steps (either None when unknown); read
+once, at the first step, because the controller is built before the run is."""
 
 
 def _usable_cores() -> int:
@@ -54,6 +58,8 @@ class ThreadController(Controller):
 
     ``window`` steps (after ``warmup`` discarded steps) measure each candidate; the
     measure is the median samples/s of the window, so one slow step does not decide.
+    ``probe_budget=None`` probes from the first step whatever the run's length (the
+    behaviour before the budget existed; tests of the probe itself use it).
     """
 
     def __init__(
@@ -66,6 +72,13 @@ class ThreadController(Controller):
         min_gain: float = 0.05,
         load_change_pct: float = 25.0,
         early_stop: float = 0.75,
+        probe_budget: float | None = 0.01,
+        expected_steps: int | None = None,
+        model: nn.Module | None = None,
+        workload: Workload | None = None,
+        use_memory: bool = True,
+        idle_cores: float = 0.5,
+        tiny_step_s: float = 0.002,
         set_threads: Callable[[int], None] = torch.set_num_threads,
         get_threads: Callable[[], int] = torch.get_num_threads,
     ) -> None:
@@ -76,6 +89,13 @@ class ThreadController(Controller):
         self._min_gain = min_gain
         self._load_change = load_change_pct
         self._early_stop = early_stop
+        self._budget = probe_budget
+        self._expected = expected_steps
+        self._model = model
+        self._workload = workload
+        self._use_memory = use_memory
+        self._idle_cores = idle_cores
+        self._tiny_step_s = tiny_step_s
         self._set = set_threads
         self._get = get_threads
         self.original_threads = get_threads()
@@ -87,16 +107,31 @@ class ThreadController(Controller):
         self._window_rates: list[float] = []
         self._skip = self._warmup
         self._probe_load: float | None = None  # external load when the last probe began
+        self._external_pct: float | None = None  # latest external load, % of the machine
+        self._external_cores: float | None = None  # the same in cores
         self._pending_load_hits = 0
         self._events: list[Event] = []
         self._now = 0.0
         self._step = 0
         self.probes = 0
-        if self.policy != "static":
+        # before the first probe: measure the held count and decide whether a probe pays
+        self._steps_seen = 0
+        self._waiting = policy != "static" and probe_budget is not None
+        self._planned = False
+        self._probe_at: int | None = None  # steps after which the first probe pays
+        self._held_rates: deque[float] = deque(maxlen=self._window)
+        self._held_wall: deque[float] = deque(maxlen=self._window)
+        self._planned_candidates: list[int] | None = None
+        self._key: Hashable | None = None
+        self.decision = "static" if policy == "static" else "measuring"
+        if self.policy != "static" and probe_budget is None:
             self._start_probe("start")
 
     # -- Controller interface ---------------------------------------------------------
     def observe(self, outcome: StepOutcome) -> None:
+        if self._waiting:
+            self._observe_waiting(outcome)
+            return
         if not self._probing:
             return
         if self._skip > 0:
@@ -119,8 +154,10 @@ class ThreadController(Controller):
 
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
         self._now, self._step = now, step
-        if snapshot is not None and self.policy != "static":
-            self._watch_load(snapshot)
+        if snapshot is not None:
+            self._read_load(snapshot)
+            if self.policy != "static":
+                self._watch_load()
         # decisions made between ticks are reported with this tick's time and step
         events = [Event(round(now, 3), e.kind, e.detail, step) for e in self._events]
         self._events = []
@@ -131,8 +168,10 @@ class ThreadController(Controller):
         if policy == "static" and old != "static":
             self._queue = []
             self._probing = False
+            self._waiting = False
             self._apply(self.original_threads)
             self._held = self.original_threads
+            self.decision = "static"
             return [
                 Event(
                     now, EventKind.THREADS, f"static: back to {self.original_threads} threads", step
@@ -154,6 +193,7 @@ class ThreadController(Controller):
             "threads": self._current,
             "threads_original": self.original_threads,
             "thread_probes": self.probes,
+            "thread_decision": self.decision,
             "thread_rates": {str(k): round(v, 2) for k, v in sorted(self._results.items())},
         }
 
@@ -162,20 +202,125 @@ class ThreadController(Controller):
         if self._get() != self.original_threads:
             self._set(self.original_threads)
 
+    # -- before the first probe -----------------------------------------------------------
+    def _observe_waiting(self, outcome: StepOutcome) -> None:
+        """Measure the held count for free while deciding whether a probe would pay."""
+        self._steps_seen += 1
+        if self._steps_seen == 1:
+            self._recall(outcome.samples)
+            if not self._waiting:
+                return
+        if self._steps_seen > self._warmup and outcome.wall_s > 0:
+            self._held_rates.append(outcome.samples / outcome.wall_s)
+            self._held_wall.append(outcome.wall_s)
+        if not self._planned and len(self._held_rates) >= self._window:
+            self._plan()
+        if self._probe_at is not None and self._steps_seen >= self._probe_at:
+            rate = statistics.median(self._held_rates)
+            self._start_probe("long enough to pay", self._planned_candidates, rate)
+
+    def _recall(self, samples: int) -> None:
+        """First step: the run's model and length are known now; hold a count learned
+        earlier for the same model, batch size and cores, if any."""
+        model, expected = self._model, self._expected
+        if self._workload is not None:
+            try:
+                got_model, got_expected = self._workload()
+            except Exception:  # diagnostics only: never fail a run over the cache key
+                got_model, got_expected = None, None
+            model = model if model is not None else got_model
+            expected = expected if expected is not None else got_expected
+        self._expected = expected
+        if model is None or not self._use_memory:
+            return
+        self._key = (model_signature(model), int(samples), self._cores)
+        known = recall(self._key)
+        if known is None:
+            return
+        self._waiting = False
+        self._apply(known.threads)
+        self._held = known.threads
+        self._probe_load = known.external_pct
+        self.decision = "learned earlier"
+        rates = ", ".join(f"{k} thr {v:.1f}/s" for k, v in known.rates)
+        self._events.append(
+            Event(
+                self._now,
+                EventKind.HOLD,
+                f"holding {known.threads} threads: learned by an earlier run of this model in "
+                f"this kernel ({rates}); probing again only if the CPU load changes",
+                self._step,
+            )
+        )
+
+    def _plan(self) -> None:
+        """With the held count measured: which candidates could win, and after how many
+        steps their worst-case cost is within the budget."""
+        self._planned = True
+        candidates = self._worth_trying()
+        if not candidates:
+            self._waiting = False
+            self.decision = "nothing to try"
+            why = (
+                "the only choice on this machine"
+                if len(thread_candidates(self._cores)) < 2
+                else f"the machine is idle and {self._held} threads use all {self._cores} "
+                "usable cores (fewer cannot be faster)"
+            )
+            self._events.append(
+                Event(self._now, EventKind.HOLD, f"holding {self._held} threads: {why}", self._step)
+            )
+            return
+        cost = probe_cost_steps(
+            min(self._held, self._cores),
+            candidates,
+            window=self._window,
+            warmup=self._warmup,
+            early_stop=self._early_stop,
+        )
+        assert self._budget is not None
+        pays_at = math.ceil(cost / self._budget) if self._budget > 0 else None
+        if pays_at is not None and self._expected is not None and self._expected >= pays_at:
+            pays_at = self._steps_seen  # a long run: probe now, the gain lasts longer
+        self._probe_at = pays_at
+        self._planned_candidates = candidates
+        self.decision = "run too short to pay for a probe"
+
+    def _worth_trying(self) -> list[int]:
+        others = [c for c in thread_candidates(self._cores) if c != self._held]
+        idle = self._external_cores is not None and self._external_cores < self._idle_cores
+        tiny = bool(self._held_wall) and statistics.median(self._held_wall) < self._tiny_step_s
+        if idle and not tiny:
+            others = [c for c in others if c >= self._cores]
+        return others
+
     # -- internals ----------------------------------------------------------------------
-    def _start_probe(self, reason: str) -> None:
+    def _start_probe(
+        self, reason: str, candidates: list[int] | None = None, held_rate: float | None = None
+    ) -> None:
+        """Measure ``candidates`` (default: all); ``held_rate`` is the held count's rate when
+        it was just measured under the same load (else it is measured first)."""
         self.probes += 1
         self._results = {}
         self._window_rates = []
-        candidates = thread_candidates(self._cores)
+        if held_rate is not None:
+            self._results[self._held] = held_rate
+        self._waiting = False
+        self.decision = "probed"
+        if candidates is None:
+            candidates = thread_candidates(self._cores)
         # Measure the held count first, then the others nearest to it first.
         others = sorted(
             (c for c in candidates if c != self._held), key=lambda c: abs(c - self._held)
         )
-        self._queue = others
         self._probing = True
-        self._apply(self._held)
         self._skip = self._warmup
+        if self._held in self._results and others:  # already measured while waiting
+            self._queue = others[1:]
+            self._apply(others[0])
+        else:
+            self._queue = others
+            self._apply(self._held)
 
     def _advance(self) -> None:
         if self._queue:
@@ -214,19 +359,28 @@ class ThreadController(Controller):
             detail = f"holding {choice} threads: {why} ({rates})"
             self._events.append(Event(self._now, EventKind.HOLD, detail, self._step))
         self._held = choice
+        if self._key is not None and len(self._results) >= 2:
+            memo = Learned(choice, self._probe_load, tuple(sorted(self._results.items())))
+            remember(self._key, memo)
 
     def _apply(self, n: int) -> None:
         if n != self._current or self._get() != n:
             self._set(n)
         self._current = n
 
-    def _watch_load(self, snap: Snapshot) -> None:
+    def _read_load(self, snap: Snapshot) -> None:
         host = snap.host
         # cpu_pct is over every logical CPU of the machine, so our share of it is too (not
         # of the cores we may use: under a quota of 4 on 64 CPUs, 400 % is 6 % of the machine)
         logical = float(len(host.per_core_pct)) or max(host.cpu_cores, 1.0)
         ours = host.proc_cpu_pct / logical  # % of the whole machine
-        external = max(0.0, host.cpu_pct - ours)
+        self._external_pct = max(0.0, host.cpu_pct - ours)
+        self._external_cores = self._external_pct * logical / 100.0
+
+    def _watch_load(self) -> None:
+        external = self._external_pct
+        if external is None:
+            return
         if self._probe_load is None:
             self._probe_load = external
             return
