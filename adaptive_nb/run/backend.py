@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ..engine.base import Engine
 from ..engine.cpu import CpuEngine
@@ -16,6 +17,7 @@ from ..monitor.snapshot import SnapshotSource
 from ..plan.allocation import AllocationController
 from ..plan.base import Controller, NullController
 from ..plan.threads import ThreadController
+from . import slot
 from .plugins import device_provider
 from .validate import DeviceSpec
 
@@ -46,9 +48,21 @@ def build_backend(
         )
         return gpu_engine, gpu_controller, monitor
     cpu_controller: Controller = (
-        NullController() if policy == "static" else ThreadController(policy=policy)
+        NullController()
+        if policy == "static"
+        else ThreadController(policy=policy, workload=_active_workload)
     )
     return CpuEngine(), cpu_controller, monitor
+
+
+def _active_workload() -> tuple[nn.Module | None, int | None]:
+    """The model and expected steps of the run in progress, read by the CPU thread policy at
+    the run's first step (it is built before the run, which owns both): the model keys what
+    earlier runs learned, the length decides whether probing can pay for itself."""
+    run = slot.active_run()
+    if run is None:
+        return None, None
+    return run.model, run.info.total_steps
 
 
 def build_gpu_run(
