@@ -3,7 +3,7 @@ an oracle, in virtual time. Run ``python -m adaptive_nb.bench SCENARIO.json --js
 
 from __future__ import annotations
 
-from .oracle import oracle_plan
+from .oracle import OraclePlan, oracle_plan
 from .runner import PolicyResult, compare, run_oracle, run_policy
 
-__all__ = ["PolicyResult", "compare", "oracle_plan", "run_oracle", "run_policy"]
+__all__ = ["OraclePlan", "PolicyResult", "compare", "oracle_plan", "run_oracle", "run_policy"]

@@ -1,25 +1,35 @@
-"""Run a scenario under the adaptive controller, the static baseline and the oracle, in
-virtual time and without model compute (the model-free path of the simulated engine)."""
+"""Run a scenario under the adaptive controller and the static baseline *through the real
+training loop* (:class:`adaptive_nb.run.loop.Run`: the same retries, device drops, ticks
+and report users get), on the model-free simulated engine in virtual time; and under the
+oracle, which is an evaluation, not a policy users run."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..errors import DeviceFailure, OutOfMemory
 from ..events import Event
-from ..layout import Plan
 from ..plan.allocation import AllocationController
+from ..run.loop import Run
 from ..sim.engine import SimulatedEngine
 from ..sim.fleet import DeviceState, Fleet
 from ..sim.nvml import SimSnapshots
 from ..sim.scenario import Scenario
-from .oracle import oracle_plan
+from ..step import StepFn, StepOutcome
+from .oracle import METHOD, OraclePlan, oracle_plan
 
-__all__ = ["PolicyResult", "compare", "run_oracle", "run_policy"]
+__all__ = ["BaselineFault", "PolicyResult", "compare", "run_oracle", "run_policy"]
 
-MAX_RETRIES = 8
+
+class BaselineFault(RuntimeError):
+    """The static baseline (plain DataParallel) hit an out-of-memory or a lost device: it
+    has no recovery, so its run ends there."""
 
 
 @dataclass
@@ -36,6 +46,8 @@ class PolicyResult:
     prediction_mape_pct: float | None = None
     replans: int = 0
     reason: str = ""
+    ended: str = ""
+    method: str = ""
     events: list[Event] = field(default_factory=list)
     trace: list[tuple[float, int]] = field(default_factory=list)  # (virtual s, samples)
 
@@ -52,9 +64,44 @@ class PolicyResult:
         d["virtual_s"] = round(self.virtual_s, 3)
         d.pop("events")
         d.pop("trace")
+        if not self.method:
+            d.pop("method")
         if events:
             d["events"] = [e.to_dict() for e in self.events]
         return d
+
+
+class _BenchEngine(SimulatedEngine):
+    """The model-free simulated engine, counting every fault it raises and recording
+    (virtual s, samples done) after each good step. With ``fatal_faults`` a fault ends
+    the run (:class:`BaselineFault`), as it ends a plain DataParallel run."""
+
+    def __init__(self, scenario: Scenario, *, fatal_faults: bool) -> None:
+        super().__init__(scenario, compute=False)
+        self.fatal_faults = fatal_faults
+        self.oom = 0
+        self.device_failures = 0
+        self.samples = 0
+        self.trace: list[tuple[float, int]] = []
+
+    def forward_backward(self, step: StepFn, batch: Any) -> StepOutcome:
+        try:
+            out = super().forward_backward(step, batch)
+        except (OutOfMemory, DeviceFailure) as err:
+            if isinstance(err, OutOfMemory):
+                self.oom += 1
+            else:
+                self.device_failures += 1
+            if self.fatal_faults:
+                raise BaselineFault(str(err)) from err
+            raise
+        self.samples += out.samples
+        self.trace.append((self.clock(), self.samples))
+        return out
+
+
+def _never_called(model: nn.Module, batch: Any) -> torch.Tensor:  # pragma: no cover
+    raise AssertionError("the model-free engine never calls the step")
 
 
 def run_policy(
@@ -65,11 +112,12 @@ def run_policy(
     headroom: float = 0.1,
     fail_on_fault: bool | None = None,
 ) -> PolicyResult:
-    """Drive an :class:`AllocationController` as the training loop does. The static
-    baseline (plain DataParallel) fails at its first fault unless ``fail_on_fault=False``."""
+    """``scenario`` under ``policy`` through :class:`~adaptive_nb.run.loop.Run`. The
+    static baseline (plain DataParallel) fails at its first fault unless
+    ``fail_on_fault=False``."""
     if fail_on_fault is None:
         fail_on_fault = policy == "static"
-    engine = SimulatedEngine(scenario, compute=False)
+    engine = _BenchEngine(scenario, fatal_faults=fail_on_fault)
     snaps = SimSnapshots(engine.fleet, real_host=False)
     ctl = AllocationController(
         engine,
@@ -78,62 +126,60 @@ def run_policy(
         control_interval=control_interval,
         snapshots=snaps,
     )
-    batch = scenario.global_batch
-    t0 = engine.clock()
-    next_tick = 0.0
-    res = PolicyResult(samples_per_s=0.0, failed=False, oom=0)
-    samples = 0
-    for step in range(scenario.steps):
-        retries = 0
-        outcome = None
-        while outcome is None and not res.failed:
-            now = engine.clock() - t0
-            try:
-                outcome = engine.simulate_step(batch)
-            except OutOfMemory as err:
-                res.oom += 1
-                retries += 1
-                if fail_on_fault or retries > MAX_RETRIES:
-                    res.failed, res.reason = True, str(err)
-                    break
-                res.events += ctl.on_oom(err, engine.clock() - t0, step)
-            except DeviceFailure as err:
-                res.device_failures += 1
-                retries += 1
-                if fail_on_fault or retries > MAX_RETRIES:
-                    res.failed, res.reason = True, str(err)
-                    break
-                try:
-                    res.events += ctl.on_device_failure(err, engine.clock() - t0, step)
-                except DeviceFailure as fatal:
-                    res.failed, res.reason = True, str(fatal)
-        if res.failed or outcome is None:
-            break
-        samples += outcome.samples
-        res.steps += 1
-        ctl.observe(outcome)
-        now = engine.clock() - t0
-        res.trace.append((now, samples))
-        if now >= next_tick:
-            next_tick = now + control_interval
-            res.events += ctl.tick(now, step, snaps.latest())
-    res.virtual_s = engine.clock() - t0
-    res.samples_per_s = samples / res.virtual_s if res.virtual_s > 0 else 0.0
-    res.oom_recovered = ctl.oom_recovered
-    summary = ctl.summary()
-    mape = summary.get("prediction_mape_pct")
-    res.prediction_mape_pct = float(mape) if isinstance(mape, (int, float)) else None
-    res.replans = ctl.replans
-    return res
+    model = nn.Linear(1, 1, bias=False)  # a placeholder: the model-free engine never runs it
+    run = Run(
+        _never_called,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data=itertools.repeat(torch.empty(scenario.global_batch, 0), scenario.steps),
+        epochs=None,
+        steps=scenario.steps,
+        engine=engine,
+        controller=ctl,
+        snapshots=snaps,
+        policy=policy,
+        headroom=headroom,
+        control_interval=control_interval,
+        handle_interrupt=False,
+    )
+    reason = ""
+    try:
+        run.execute()
+    except (BaselineFault, OutOfMemory) as exc:
+        reason = str(exc)
+    report = run.report
+    assert report is not None
+    s = report.summary
+    virtual_s = engine.clock()
+    failed = run.ended != "completed"
+    if failed and not reason:
+        reason = run.ended
+    mape = s.get("prediction_mape_pct")
+    return PolicyResult(
+        samples_per_s=run.samples / virtual_s if virtual_s > 0 else 0.0,
+        failed=failed,
+        oom=engine.oom,
+        oom_recovered=int(s.get("oom_recovered", 0)),
+        device_failures=engine.device_failures,
+        steps=run.step,
+        virtual_s=virtual_s,
+        prediction_mape_pct=float(mape) if isinstance(mape, (int, float)) else None,
+        replans=ctl.replans,
+        reason=reason,
+        ended=run.ended,
+        events=list(report.events),
+        trace=list(engine.trace),
+    )
 
 
 def run_oracle(scenario: Scenario) -> PolicyResult:
-    """The oracle: the best plan for the true state, re-chosen at every step."""
+    """The oracle: the best plan for the true state, re-chosen whenever the state changes
+    (evaluated on the same fleet, noise included)."""
     fleet = Fleet(scenario)
     names = [f"sim GPU {i} ({d.name})" for i, d in enumerate(scenario.devices)]
-    cache: dict[tuple[DeviceState, ...], Plan | None] = {}
+    cache: dict[tuple[DeviceState, ...], OraclePlan | None] = {}
     batch = scenario.global_batch
-    res = PolicyResult(samples_per_s=0.0, failed=False, oom=0)
+    res = PolicyResult(samples_per_s=0.0, failed=False, oom=0, method=METHOD)
     samples = 0
     for _ in range(scenario.steps):
         states = tuple(fleet.state(i) for i in range(fleet.n))
@@ -143,15 +189,17 @@ def run_oracle(scenario: Scenario) -> PolicyResult:
         if plan is None:
             res.failed, res.reason = True, "nothing fits"
             break
-        sim = fleet.run(plan.layout(batch), plan.primary, names)
+        sim = fleet.run(plan.layout, plan.primary, names)
         fleet.clock.advance(sim.wall_s)
         if sim.fault is not None:
             res.failed, res.reason = True, str(sim.fault)
             break
         samples += batch
         res.steps += 1
+        res.trace.append((fleet.clock.now(), samples))
     res.virtual_s = fleet.clock.now()
     res.samples_per_s = samples / res.virtual_s if res.virtual_s > 0 else 0.0
+    res.ended = "failed" if res.failed else "completed"
     return res
 
 

@@ -102,6 +102,7 @@ class SimulatedEngine(Engine):
 
     def _finish(self, sim: FleetStep, total: int, loss: torch.Tensor) -> StepOutcome:
         self.fleet.clock.advance(sim.wall_s)
+        self.fleet.after_step()
         if sim.fault is not None:
             raise sim.fault
         self.steps += 1

@@ -1,12 +1,22 @@
 """The simulated fleet's ground truth: what each device does at a given virtual time.
 
 Semantics (one micro-step, ``k`` devices, chunk ``b_i`` on device ``i``):
-``t_i = (alpha_ms + 1000·b_i/samples_per_s) / (1 − external_util) · noise`` ms, plus
-``primary_extra_ms`` on the primary; the micro-step takes ``max t_i`` plus
-``comm.alpha_ms + comm.per_device_ms·(k−1)``. A device needs
-``mem_base_gb + mem_per_sample_gb·b_i`` (+ ``primary_extra_gb`` on the primary) and runs
-out of memory when that exceeds ``memory_gb − external_mem_gb``. A failed device errors on
-every use. The state at the start of a step holds for the whole step.
+``t_i = idle_ms(b_i) · Π slowdown · noise`` ms, plus ``primary_extra_ms`` on the primary,
+where ``idle_ms`` comes from the device's ``curve`` or ``alpha_ms + 1000·b/samples_per_s``
+and each active event multiplies by its ``slowdown`` (default ``1/(1 − external_util)``:
+independent co-tenants, so without ``slowdown`` fields this is ``1/(1 − combined util)``
+with combined util ``1 − Π(1 − u)``). The micro-step takes ``max t_i`` plus
+``comm.alpha_ms + comm.per_device_ms·(k−1)``; micro-batches each cost a full micro-step.
+A device needs ``mem_base_gb + mem_per_sample_gb·b_i`` (+ ``primary_extra_gb`` on the
+primary) and runs out of memory when that exceeds ``memory_gb − external_mem_gb`` (the
+external memory of all active events adds up). A failed device errors on every use. The
+state at the start of a step holds for the whole step.
+
+What the engine *reports* is what the real DataParallel engine would measure, by the same
+method: it times forward and estimates backward as ``BACKWARD_FACTOR × forward``, so the
+reported device time is ``forward_fraction · t · (1 + BACKWARD_FACTOR)`` (plus
+``primary_extra_ms``, as before v2). With the default forward fraction 1/3 and factor 2
+that is the true time; with another fraction the planner is fed the real engine's error.
 """
 
 from __future__ import annotations
@@ -15,24 +25,30 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..engine import dataparallel as _real_engine
 from ..errors import DeviceFailure, OutOfMemory
 from .clock import VirtualClock
 from .scenario import Scenario
 
-__all__ = ["DeviceState", "Fleet", "FleetStep"]
+__all__ = ["BACKWARD_FACTOR", "DeviceState", "Fleet", "FleetStep"]
+
+# The real engine's backward estimate; None once it measures backward (then report truth).
+BACKWARD_FACTOR: float | None = getattr(_real_engine, "BACKWARD_FACTOR", None)
 
 
 @dataclass(frozen=True)
 class DeviceState:
-    util: float  # external utilisation 0..1
+    util: float  # external utilisation 0..1, as NVML reports it
     ext_mem_gb: float
     failed: bool
+    slowdown: float = 1.0  # true multiplier of our compute time
 
 
 @dataclass
 class FleetStep:
-    """One simulated step: per-device compute seconds and samples, peak memory (MB), wall
-    seconds; ``fault`` is set when the step failed (``wall_s`` is then the time wasted)."""
+    """One simulated step: per-device compute seconds as the engine reports them and
+    samples, peak memory (MB), wall seconds; ``fault`` is set when the step failed
+    (``wall_s`` is then the time wasted). ``true_time_s``: the devices' true seconds."""
 
     device_time_s: dict[int, float] = field(default_factory=dict)
     device_batch: dict[int, int] = field(default_factory=dict)
@@ -41,6 +57,7 @@ class FleetStep:
     micro_batches: int = 1
     fault: OutOfMemory | DeviceFailure | None = None
     fault_micro: int = -1
+    true_time_s: dict[int, float] = field(default_factory=dict)
 
 
 class Fleet:
@@ -53,27 +70,42 @@ class Fleet:
         self.n = len(scenario.devices)
         self.busy: dict[int, float] = {}  # position -> busy fraction in the last step
         self.mem_mb: dict[int, float] = {}  # position -> this run's memory in the last step
+        # (virtual time, busy, memory) after each step: what a lagging monitor looks back on
+        self.history: list[tuple[float, dict[int, float], dict[int, float]]] = [(0.0, {}, {})]
 
     # -- truth ----------------------------------------------------------------------------
     def state(self, i: int, t: float | None = None) -> DeviceState:
         now = self.clock.now() if t is None else t
         free = 1.0
         mem = 0.0
+        slow = 1.0
         for e in self.scenario.loads:
             if e.device == i and e.active(now):
                 free *= 1.0 - e.external_util
                 mem += e.external_mem_gb
+                slow *= e.multiplier()
         failed = any(f.device == i and f.at_s <= now for f in self.scenario.failures)
-        return DeviceState(1.0 - free, mem, failed)
+        return DeviceState(1.0 - free, mem, failed, slow)
 
-    def compute_s(self, i: int, b: int, primary: bool, st: DeviceState, noisy: bool) -> float:
-        d = self.scenario.devices[i]
-        ms = (d.alpha_ms + 1000.0 * b / d.samples_per_s) / max(1e-6, 1.0 - st.util)
+    def true_ms(self, i: int, b: float, primary: bool, st: DeviceState) -> float:
+        """Noise-free compute milliseconds of ``b`` samples on device ``i`` in state ``st``
+        (with ``primary_extra_ms`` on the primary): what the oracle plans with."""
+        ms = self.scenario.devices[i].idle_ms(b) * st.slowdown
+        return ms + (self.scenario.primary_extra_ms if primary else 0.0)
+
+    def _compute_ms(self, i: int, b: int, st: DeviceState, noisy: bool) -> float:
+        ms = self.scenario.devices[i].idle_ms(b) * st.slowdown
         if noisy and self.scenario.noise > 0:
             ms *= max(0.2, 1.0 + self.rng.gauss(0.0, self.scenario.noise))
-        if primary:
-            ms += self.scenario.primary_extra_ms
-        return ms / 1000.0
+        return ms
+
+    def reported_s(self, i: int, compute_ms: float, primary: bool) -> float:
+        """What the engine reports for ``compute_ms`` of true compute (module docstring)."""
+        if BACKWARD_FACTOR is None:
+            ms = compute_ms
+        else:
+            ms = self.scenario.devices[i].forward_fraction * compute_ms * (1.0 + BACKWARD_FACTOR)
+        return (ms + (self.scenario.primary_extra_ms if primary else 0.0)) / 1000.0
 
     def comm_s(self, k: int) -> float:
         c = self.scenario.comm
@@ -90,6 +122,23 @@ class Fleet:
     def available_gb(self, i: int, st: DeviceState) -> float:
         return self.scenario.devices[i].memory_gb - st.ext_mem_gb
 
+    def own_usage(self, t: float) -> tuple[dict[int, float], dict[int, float]]:
+        """This run's (busy, memory MB) as of virtual time ``t``: after the last step that
+        ended at or before ``t`` (what a monitor lagging behind the truth shows)."""
+        h = self.history
+        k = len(h) - 1
+        while k > 0 and h[k][0] > t:
+            k -= 1
+        return h[k][1], h[k][2]
+
+    def _record(self) -> None:
+        lag = self.scenario.monitor_lag_s
+        now = self.clock.now()
+        self.history.append((now, dict(self.busy), dict(self.mem_mb)))
+        # keep the newest entry at or before the oldest time a monitor may still ask about
+        while len(self.history) > 2 and self.history[1][0] <= now - lag:
+            self.history.pop(0)
+
     # -- a step ---------------------------------------------------------------------------
     def run(self, layout: Sequence[Sequence[int]], primary: int, names: Sequence[str]) -> FleetStep:
         """Simulate micro-steps with per-position chunks ``layout[j][i]``; does not move the
@@ -98,7 +147,11 @@ class Fleet:
         out = FleetStep(micro_batches=len(layout))
         for j, chunks in enumerate(layout):
             used = [i for i in range(self.n) if chunks[i] > 0]
-            times = {i: self.compute_s(i, chunks[i], i == primary, states[i], True) for i in used}
+            compute = {i: self._compute_ms(i, chunks[i], states[i], True) for i in used}
+            extra = self.scenario.primary_extra_ms
+            times = {
+                i: (ms + (extra if i == primary else 0.0)) / 1000.0 for i, ms in compute.items()
+            }
             micro = max(times.values(), default=0.0) + self.comm_s(len(used))
             failed = [i for i in used if states[i].failed]
             if failed:
@@ -121,12 +174,19 @@ class Fleet:
                     self.mem_mb = {}  # the engine frees its cached blocks after an OOM
                     return out
             for i in used:
-                out.device_time_s[i] = out.device_time_s.get(i, 0.0) + times[i]
+                reported = self.reported_s(i, compute[i], i == primary)
+                out.device_time_s[i] = out.device_time_s.get(i, 0.0) + reported
+                out.true_time_s[i] = out.true_time_s.get(i, 0.0) + times[i]
                 out.device_batch[i] = out.device_batch.get(i, 0) + chunks[i]
                 mb = 1024.0 * self.need_gb(chunks[i], i == primary)
                 out.peak_mem_mb[i] = max(out.peak_mem_mb.get(i, 0.0), mb)
             out.wall_s += micro
         if out.wall_s > 0:
-            self.busy = {i: min(1.0, t / out.wall_s) for i, t in out.device_time_s.items()}
+            self.busy = {i: min(1.0, t / out.wall_s) for i, t in out.true_time_s.items()}
         self.mem_mb = dict(out.peak_mem_mb)
         return out
+
+    def after_step(self) -> None:
+        """Called once the clock moved past a step: remember this run's usage for the
+        (possibly lagging) monitor."""
+        self._record()

@@ -1,5 +1,10 @@
 """What NVML would show on the simulated fleet: a :class:`FakeNvml` kept in step with the
-scenario's state at the current virtual time, read by the monitor's own GPU sampler."""
+scenario's state, read by the monitor's own GPU sampler.
+
+At virtual time ``t`` it shows the state at ``t − monitor_lag_s`` (clamped at 0): the
+external load, memory and failures of that moment and this run's own usage after the last
+step that had ended by then. What NVML reports of a co-tenant is its ``external_util``,
+never its true ``slowdown``: the two are kept apart on purpose."""
 
 from __future__ import annotations
 
@@ -39,18 +44,24 @@ class SimSnapshots:
                 self._host_sampler = None
         self._host0 = HostSample(0.0, (), 0.0, 0.0, 0.0, 0.0, 0.0, float(os.cpu_count() or 1))
 
+    def seen_at(self) -> float:
+        """The virtual time whose state the monitor shows now."""
+        return max(0.0, self.fleet.clock.now() - self.fleet.scenario.monitor_lag_s)
+
     def _refresh(self) -> None:
         fl = self.fleet
+        t = self.seen_at()
+        busy_by, mem_by = fl.own_usage(t)
         for i, gpu in enumerate(self.gpus):
-            st = fl.state(i)
+            st = fl.state(i, t)
             gpu.fail = "lost" if st.failed else None
-            busy = fl.busy.get(i, 0.0)
+            busy = busy_by.get(i, 0.0)
             gpu.util_pct = 100.0 * min(1.0, st.util + (1.0 - st.util) * busy)
             procs: list[tuple[int, float]] = []
             if st.ext_mem_gb > 0:
                 procs.append((_EXTERNAL_PID + i, 1024.0 * st.ext_mem_gb))
             room = max(0.0, gpu.mem_total_mb - 1024.0 * st.ext_mem_gb)
-            mine = min(fl.mem_mb.get(i, 0.0), room)
+            mine = min(mem_by.get(i, 0.0), room)
             if mine > 0:
                 procs.append((self._pid, mine))
             gpu.processes = procs

@@ -1,18 +1,22 @@
-"""Simulated-fleet scenario files: loading and validation.
+"""Simulated-fleet scenario files: loading, validation and the scenario's values.
 
-A scenario describes GPUs (speed, memory), the job's memory needs, communication cost and
-timed events (external jobs, failures). See ``benchmarks/scenarios/`` for examples.
+A scenario describes GPUs (speed as ``samples_per_s``/``alpha_ms`` or a measured
+``curve``, memory, the share of compute spent in forward), the job's memory needs,
+communication cost, timed events (external jobs with what NVML reports of them and what
+they truly cost us, failures) and how late the simulated NVML is (``monitor_lag_s``).
+The file format is declared in :mod:`.schema`; see ``benchmarks/scenarios/`` for examples.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .schema import check_semantics, check_shape
 
 __all__ = [
     "CommSpec",
@@ -25,13 +29,33 @@ __all__ = [
     "parse_scenario",
 ]
 
+DEFAULT_FORWARD_FRACTION = 1.0 / 3.0
+
 
 @dataclass(frozen=True)
 class DeviceSpec:
+    """One GPU. Idle compute time (forward + backward) for a per-device batch ``b``: from
+    ``curve`` when given (``ms1`` up to ``b1``, linear between points, the last segment
+    extended beyond), else ``alpha_ms + 1000·b/samples_per_s``."""
+
     name: str
     memory_gb: float
-    samples_per_s: float
+    samples_per_s: float | None = None
     alpha_ms: float = 0.0
+    curve: tuple[tuple[float, float], ...] | None = None
+    forward_fraction: float = DEFAULT_FORWARD_FRACTION
+
+    def idle_ms(self, b: float) -> float:
+        """Idle compute milliseconds (forward + backward) for ``b`` samples."""
+        if self.curve is None:
+            assert self.samples_per_s is not None
+            return self.alpha_ms + 1000.0 * b / self.samples_per_s
+        pts = self.curve
+        if b <= pts[0][0]:
+            return pts[0][1]
+        j = min(bisect.bisect_left([p[0] for p in pts], b), len(pts) - 1)
+        (b0, m0), (b1, m1) = pts[j - 1], pts[j]
+        return m0 + (m1 - m0) * (b - b0) / (b1 - b0)
 
 
 @dataclass(frozen=True)
@@ -48,16 +72,25 @@ class CommSpec:
 
 @dataclass(frozen=True)
 class LoadEvent:
-    """Another job on ``device`` from ``at_s`` until ``until_s`` (None: to the end)."""
+    """Another job on ``device`` from ``at_s`` until ``until_s`` (None: to the end).
+    ``external_util`` and ``external_mem_gb`` are what NVML reports; ``slowdown`` (None:
+    ``1/(1 − external_util)``) is what it truly does to our compute time."""
 
     at_s: float
     device: int
     external_util: float = 0.0
     external_mem_gb: float = 0.0
     until_s: float | None = None
+    slowdown: float | None = None
 
     def active(self, t: float) -> bool:
         return self.at_s <= t and (self.until_s is None or t < self.until_s)
+
+    def multiplier(self) -> float:
+        """The factor on our compute time while this event is active."""
+        if self.slowdown is not None:
+            return self.slowdown
+        return 1.0 / max(1e-6, 1.0 - self.external_util)
 
 
 @dataclass(frozen=True)
@@ -83,179 +116,60 @@ class Scenario:
     loads: tuple[LoadEvent, ...]
     failures: tuple[FailEvent, ...]
     path: str = ""
+    monitor_lag_s: float = 0.0
 
 
-_TOP = {
-    "name",
-    "global_batch",
-    "steps",
-    "seed",
-    "noise",
-    "devices",
-    "job",
-    "comm",
-    "primary_extra_ms",
-    "primary_extra_gb",
-    "events",
-    "description",
-}
-
-
-class _Fields:
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def fail(self, field: str, what: str, got: Any) -> UsageError:
-        return UsageError(f"scenario {self.where}: `{field}` {what}, got {got!r}.")
-
-    def number(
-        self,
-        obj: dict[str, Any],
-        key: str,
-        field: str,
-        *,
-        default: float | None = None,
-        lo: float = 0.0,
-        lo_open: bool = False,
-        hi: float | None = None,
-        hi_open: bool = False,
-    ) -> float:
-        if key not in obj:
-            if default is None:
-                raise UsageError(f"scenario {self.where}: missing `{field}`.")
-            return default
-        v = obj[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self.fail(field, "must be a number", v)
-        bad_lo = v <= lo if lo_open else v < lo
-        bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
-        if bad_lo or bad_hi:
-            lo_s = f"> {lo}" if lo_open else f">= {lo}"
-            rng = lo_s if hi is None else f"{lo_s} and {'<' if hi_open else '<='} {hi}"
-            raise self.fail(field, f"must be {rng}", v)
-        return float(v)
-
-    def integer(
-        self, obj: dict[str, Any], key: str, field: str, *, default: int | None = None, lo: int = 0
-    ) -> int:
-        if key not in obj:
-            if default is None:
-                raise UsageError(f"scenario {self.where}: missing `{field}`.")
-            return default
-        v = obj[key]
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(field, "must be a whole number", v)
-        if v < lo:
-            raise self.fail(field, f"must be >= {lo}", v)
-        return int(v)
-
-    def obj(self, v: Any, field: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise self.fail(field, "must be an object", v)
-        unknown = sorted(set(v) - allowed)
-        if unknown:
-            raise UsageError(
-                f"scenario {self.where}: unknown field `{field}.{unknown[0]}` "
-                f"(known: {', '.join(sorted(allowed))})."
-            )
-        return v
+def _device(d: dict[str, Any]) -> DeviceSpec:
+    curve = d.get("curve")
+    return DeviceSpec(
+        name=d["name"],
+        memory_gb=float(d["memory_gb"]),
+        samples_per_s=float(d["samples_per_s"]) if "samples_per_s" in d else None,
+        alpha_ms=float(d.get("alpha_ms", 0.0)),
+        curve=None if curve is None else tuple((float(b), float(ms)) for b, ms in curve),
+        forward_fraction=float(d.get("forward_fraction", DEFAULT_FORWARD_FRACTION)),
+    )
 
 
 def parse_scenario(data: Any, where: str = "<dict>") -> Scenario:
-    """Validate a decoded scenario; raises :class:`UsageError` naming the bad field."""
-    f = _Fields(where)
-    top = f.obj(data, "scenario", _TOP)
-    name = top.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise f.fail("name", "must be a non-empty string", name)
-    global_batch = f.integer(top, "global_batch", "global_batch", lo=1)
-    steps = f.integer(top, "steps", "steps", lo=1)
-    seed = f.integer(top, "seed", "seed", default=0)
-    noise = f.number(top, "noise", "noise", default=0.0, hi=0.5)
-    devs = top.get("devices")
-    if not isinstance(devs, list) or not devs:
-        raise f.fail("devices", "must be a non-empty list", devs)
-    devices = []
-    for i, d in enumerate(devs):
-        field = f"devices[{i}]"
-        dd = f.obj(d, field, {"name", "memory_gb", "samples_per_s", "alpha_ms"})
-        dname = dd.get("name")
-        if not isinstance(dname, str) or not dname.strip():
-            raise f.fail(f"{field}.name", "must be a non-empty string", dname)
-        devices.append(
-            DeviceSpec(
-                name=dname,
-                memory_gb=f.number(dd, "memory_gb", f"{field}.memory_gb", lo_open=True),
-                samples_per_s=f.number(dd, "samples_per_s", f"{field}.samples_per_s", lo_open=True),
-                alpha_ms=f.number(dd, "alpha_ms", f"{field}.alpha_ms", default=0.0),
-            )
-        )
-    if "job" not in top:
-        raise UsageError(f"scenario {where}: missing `job`.")
-    jj = f.obj(top["job"], "job", {"mem_base_gb", "mem_per_sample_gb"})
-    job = JobSpec(
-        mem_base_gb=f.number(jj, "mem_base_gb", "job.mem_base_gb"),
-        mem_per_sample_gb=f.number(jj, "mem_per_sample_gb", "job.mem_per_sample_gb"),
-    )
-    cc = f.obj(top.get("comm", {}), "comm", {"alpha_ms", "per_device_ms"})
-    comm = CommSpec(
-        alpha_ms=f.number(cc, "alpha_ms", "comm.alpha_ms", default=0.0),
-        per_device_ms=f.number(cc, "per_device_ms", "comm.per_device_ms", default=0.0),
-    )
-    primary_extra_ms = f.number(top, "primary_extra_ms", "primary_extra_ms", default=0.0)
-    primary_extra_gb = f.number(top, "primary_extra_gb", "primary_extra_gb", default=0.0)
-    evs = top.get("events", [])
-    if not isinstance(evs, list):
-        raise f.fail("events", "must be a list", evs)
+    """Validate a decoded scenario; raises :class:`UsageError` naming the file, the field
+    path (e.g. ``devices[2].curve[1]``) and the bad value."""
+    check_shape(data, where)
+    check_semantics(data, where)
     loads: list[LoadEvent] = []
     failures: list[FailEvent] = []
-    allowed = {"at_s", "until_s", "device", "external_util", "external_mem_gb", "fail"}
-    for i, e in enumerate(evs):
-        field = f"events[{i}]"
-        ee = f.obj(e, field, allowed)
-        at = f.number(ee, "at_s", f"{field}.at_s")
-        dev = f.integer(ee, "device", f"{field}.device")
-        if dev >= len(devices):
-            raise f.fail(f"{field}.device", f"must name one of the {len(devices)} devices", dev)
-        if ee.get("fail", False) is not False:
-            if ee["fail"] is not True:
-                raise f.fail(f"{field}.fail", "must be true or false", ee["fail"])
-            extra = sorted(set(ee) - {"at_s", "device", "fail"})
-            if extra:
-                raise f.fail(
-                    f"{field}.{extra[0]}", "does not apply to a failure event", ee[extra[0]]
-                )
-            failures.append(FailEvent(at, dev))
+    for e in data.get("events", []):
+        if e.get("fail", False):
+            failures.append(FailEvent(float(e["at_s"]), int(e["device"])))
             continue
-        until = None
-        if "until_s" in ee and ee["until_s"] is not None:
-            until = f.number(ee, "until_s", f"{field}.until_s")
-            if until <= at:
-                raise f.fail(f"{field}.until_s", f"must be after at_s ({at})", until)
-        util = f.number(
-            ee, "external_util", f"{field}.external_util", default=0.0, hi=1.0, hi_open=True
-        )
-        mem = f.number(ee, "external_mem_gb", f"{field}.external_mem_gb", default=0.0)
-        if util == 0 and mem == 0:
-            raise UsageError(
-                f"scenario {where}: `{field}` changes nothing: give external_util, "
-                "external_mem_gb or fail: true."
+        until = e.get("until_s")
+        slow = e.get("slowdown")
+        loads.append(
+            LoadEvent(
+                at_s=float(e["at_s"]),
+                device=int(e["device"]),
+                external_util=float(e.get("external_util", 0.0)),
+                external_mem_gb=float(e.get("external_mem_gb", 0.0)),
+                until_s=None if until is None else float(until),
+                slowdown=None if slow is None else float(slow),
             )
-        loads.append(LoadEvent(at, dev, util, mem, until))
+        )
+    comm = data.get("comm", {})
     return Scenario(
-        name=name,
-        global_batch=global_batch,
-        steps=steps,
-        seed=seed,
-        noise=noise,
-        devices=tuple(devices),
-        job=job,
-        comm=comm,
-        primary_extra_ms=primary_extra_ms,
-        primary_extra_gb=primary_extra_gb,
+        name=data["name"],
+        global_batch=int(data["global_batch"]),
+        steps=int(data["steps"]),
+        seed=int(data.get("seed", 0)),
+        noise=float(data.get("noise", 0.0)),
+        devices=tuple(_device(d) for d in data["devices"]),
+        job=JobSpec(float(data["job"]["mem_base_gb"]), float(data["job"]["mem_per_sample_gb"])),
+        comm=CommSpec(float(comm.get("alpha_ms", 0.0)), float(comm.get("per_device_ms", 0.0))),
+        primary_extra_ms=float(data.get("primary_extra_ms", 0.0)),
+        primary_extra_gb=float(data.get("primary_extra_gb", 0.0)),
         loads=tuple(loads),
         failures=tuple(failures),
         path=where,
+        monitor_lag_s=float(data.get("monitor_lag_s", 0.0)),
     )
 
 
