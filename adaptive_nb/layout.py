@@ -12,7 +12,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Plan", "chunk_sizes", "equal_split", "micro_batch_sizes", "nonzero_chunks"]
+__all__ = [
+    "Plan",
+    "chunk_sizes",
+    "enforce_min_chunk",
+    "equal_split",
+    "micro_batch_sizes",
+    "nonzero_chunks",
+]
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ def chunk_sizes(
     caps: Sequence[int | None] | None = None,
     *,
     required: int | None = None,
+    min_chunk: int = 1,
 ) -> list[int]:
     """Split ``total`` samples in proportion to ``shares`` (one per device position).
 
@@ -68,6 +76,8 @@ def chunk_sizes(
     never exceeds ``caps[i]`` (None: no cap) and rounds by largest remainder. ``required``
     names a position that must get at least one sample (the DataParallel primary).
     Raises ``ValueError`` when the caps of the devices with a share cannot hold ``total``.
+    ``min_chunk`` (see :func:`enforce_min_chunk`): no device gets fewer samples than this
+    unless caps leave no other way.
     """
     n = len(shares)
     if total < 0:
@@ -122,6 +132,58 @@ def chunk_sizes(
         donor = max(active, key=lambda i: out[i])
         out[donor] -= 1
         out[required] = 1
+    if min_chunk > 1:
+        enforce_min_chunk(out, cap, required, min_chunk)
+    return out
+
+
+def enforce_min_chunk(
+    out: list[int], cap: Sequence[int], required: int | None, min_chunk: int
+) -> list[int]:
+    """In place: every non-zero chunk becomes 0 or at least ``min_chunk`` samples.
+
+    A chunk below the minimum (other than the ``required`` one) is dropped for this batch
+    (that device skips the step) and its samples go to the largest chunks with room; the
+    required position (the DataParallel primary) is then raised to the minimum with samples
+    from the largest chunks that stay at or above it, or by absorbing a whole small one.
+    Batch norm in training mode needs two samples per replica (``min_chunk=2``), and a
+    replica of one sample is all launch overhead anyway. Where caps leave no room, a small
+    chunk is kept (the caps are the harder limit)."""
+    n = len(out)
+    total = sum(out)
+    for i in sorted(range(n), key=lambda i: (out[i], i)):
+        if i == required or not 0 < out[i] < min_chunk:
+            continue
+        moved, out[i] = out[i], 0
+        for j in sorted(range(n), key=lambda j: (-out[j], j)):
+            if moved == 0 or out[j] == 0 or j == i:
+                continue
+            take = min(moved, cap[j] - out[j])
+            out[j] += take
+            moved -= take
+        if moved and required is not None and out[required] == 0:
+            take = min(moved, cap[required])
+            out[required] += take
+            moved -= take
+        if moved:  # no room anywhere: keep the small chunk
+            out[i] = moved
+            break
+    if required is not None:
+        target = min(min_chunk, total, cap[required])
+        while out[required] < target:
+            donors = [j for j in range(n) if j != required and out[j] > min_chunk]
+            if donors:
+                donor = max(donors, key=lambda j: (out[j], -j))
+                out[donor] -= 1
+                out[required] += 1
+                continue
+            small = [j for j in range(n) if j != required and out[j] > 0]
+            small = [j for j in small if out[required] + out[j] <= cap[required]]
+            if not small:
+                break
+            j = min(small, key=lambda j: (out[j], j))
+            out[required] += out[j]
+            out[j] = 0
     return out
 
 

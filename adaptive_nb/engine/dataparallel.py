@@ -5,7 +5,16 @@ computes the loss and reduces the gradients. Devices with a zero share are left 
 scatter (never given an empty chunk). Changing the device set or the shares only changes
 what the next ``scatter`` does: the wrapped module and the optimizer are untouched.
 With the loss computed on the gathered output the gradient is the full-batch gradient
-whatever the split (``Gather.backward`` scatters gradients back with the same sizes).
+whatever the split (``Gather.backward`` scatters gradients back with the same sizes); a
+model that returns its own loss has the replicas' losses weighted by their shares
+(:mod:`.replica_loss`).
+
+Batch norm: as in plain ``nn.DataParallel``, each replica normalises its own chunk with its
+own statistics, and the running statistics kept are those of the primary's replica. So no
+device is given fewer than ``min_chunk`` samples (2 by default for a model with batch norm:
+the statistics of one sample are meaningless, and training mode refuses them); a share
+that would give fewer gives that device nothing this step (see
+:func:`~adaptive_nb.layout.enforce_min_chunk`).
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from ..layout import Plan, chunk_sizes
 from ..step import StepFn, StepOutcome
 from .base import Engine
 from .microbatch import run_micro_batches
+from .replica_loss import gather_weighted
 
 __all__ = [
     "BACKWARD_FACTOR",
     "DataParallelEngine",
     "WeightedDataParallel",
+    "default_min_chunk",
     "device_of_error",
     "scatter_weighted",
 ]
@@ -107,7 +118,9 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
     ``shares[i]`` / ``caps[i]`` refer to ``all_device_ids[i]``; position 0 is the primary
     and always gets at least one sample."""
 
-    def __init__(self, module: nn.Module, device_ids: Sequence[int]) -> None:
+    def __init__(
+        self, module: nn.Module, device_ids: Sequence[int], min_chunk: int | None = None
+    ) -> None:
         with warnings.catch_warnings():  # an uneven fleet is the point, not a mistake
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(module, device_ids=list(device_ids), output_device=device_ids[0])
@@ -116,6 +129,8 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         self.shares: list[float] = [1.0 / n] * n
         self.caps: list[int | None] = [None] * n
         self.step_chunks: list[int] = [0] * n  # samples per position since last reset
+        self.min_chunk = default_min_chunk(module) if min_chunk is None else max(1, min_chunk)
+        self.replica_weights: list[float] = [1.0]  # each replica's fraction of the last scatter
         # on_forward(ids, "start"|"end") brackets each device's share of the forward pass;
         # the engine records CUDA events there (see DataParallelEngine).
         self.on_forward: Callable[[list[int], str], None] | None = None
@@ -127,7 +142,7 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
 
     def chunk_plan(self, size: int) -> tuple[list[int], list[int]]:
         """(positions, chunk sizes) for a batch of ``size``: zero chunks left out."""
-        sizes = chunk_sizes(self.shares, size, self.caps, required=0)
+        sizes = chunk_sizes(self.shares, size, self.caps, required=0, min_chunk=self.min_chunk)
         positions = [p for p, s in enumerate(sizes) if s > 0]
         return positions, [sizes[p] for p in positions]
 
@@ -142,6 +157,7 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         positions, sizes = self.chunk_plan(size)
         ids = [self.all_device_ids[p] for p in positions]
         self.device_ids = ids  # forward's replicate / parallel_apply follow this
+        self.replica_weights = [s / size for s in sizes]
         for p, s in zip(positions, sizes, strict=True):
             self.step_chunks[p] += s
         if len(ids) == 1 and self.on_forward is not None:
@@ -171,12 +187,29 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
             self.on_forward(ids, "end")
         return outputs
 
+    def gather(self, outputs: Any, output_device: Any) -> Any:
+        """Gathered as ``nn.DataParallel`` does, except that scalar losses the replicas
+        computed themselves are weighted by their share of the batch (:mod:`.replica_loss`)."""
+
+        def gather_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+            out: torch.Tensor = super(WeightedDataParallel, self).gather(tensors, output_device)
+            return out
+
+        return gather_weighted(outputs, self.replica_weights[: len(outputs)], gather_tensors)
+
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         out = super().forward(*inputs, **kwargs)
         if self._timed_alone and self.on_forward is not None:
             self._timed_alone = False
             self.on_forward(list(self.device_ids), "end")
         return out
+
+
+def default_min_chunk(model: nn.Module) -> int:
+    """2 for a model with batch norm (a replica needs two samples for batch statistics),
+    else 1."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return 2 if has_bn else 1
 
 
 @dataclass
@@ -201,7 +234,7 @@ class DataParallelEngine(Engine):
     reserved memory and GPU wall time. The first step (warm-up) is not measured.
     """
 
-    def __init__(self, device_ids: Sequence[int]) -> None:
+    def __init__(self, device_ids: Sequence[int], min_chunk: int | None = None) -> None:
         if not torch.cuda.is_available():
             raise UsageError("no CUDA device is available: use devices='cpu' or 'sim:PATH'.")
         if not device_ids:
@@ -220,6 +253,7 @@ class DataParallelEngine(Engine):
         self._open: dict[int, Any] = {}
         self._steps = 0
         self.last_batch = 0
+        self.min_chunk = min_chunk
 
     # -- Engine ---------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -233,7 +267,7 @@ class DataParallelEngine(Engine):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.primary_device())
-        self.wrapper = WeightedDataParallel(model, self.device_ids)
+        self.wrapper = WeightedDataParallel(model, self.device_ids, self.min_chunk)
         self.wrapper.on_forward = self._on_forward
         self.apply_plan(self.plan)
         return self.wrapper
@@ -288,7 +322,12 @@ class DataParallelEngine(Engine):
             translated = self._translate(exc)
             if translated is exc:
                 raise
-            raise translated from exc
+            # the failed attempt's frames hold its tensors: let them go, then free the cache
+            exc.__traceback__ = None
+            del exc
+            if isinstance(translated, (OutOfMemory, DeviceFailure)):
+                self._free()
+            raise translated from None
         end = _event()
         end.record(primary_stream)
         host_wall = time.perf_counter() - t0
@@ -339,7 +378,6 @@ class DataParallelEngine(Engine):
         if not isinstance(exc, RuntimeError):
             return exc
         if isinstance(exc, torch.cuda.OutOfMemoryError) or _OOM.search(msg):
-            self._free()
             return OutOfMemory(
                 msg.splitlines()[0] if msg else "CUDA out of memory",
                 device=self.position_of(device_of_error(msg)),
@@ -351,17 +389,24 @@ class DataParallelEngine(Engine):
         if broken and not _USER_CUDA_ERROR.search(msg):
             pos = self.position_of(device_of_error(msg))
             if pos is not None:
-                self._free()
                 return DeviceFailure(msg.splitlines()[0], device=pos)
         return exc
 
     def _free(self) -> None:
-        for d in self.device_ids:
-            try:
-                with torch.cuda.device(d):
-                    torch.cuda.empty_cache()
-            except Exception:  # a broken device cannot release anything
-                continue
+        for pos in range(len(self.device_ids)):
+            self.release_device(pos)
+
+    def release_device(self, position: int) -> None:
+        """Give the allocator's cached blocks on the device at ``position`` back to the
+        driver (the controller calls this when it drops a device: memory another process
+        may want). Tensors still in use stay; a broken device is left alone."""
+        if not 0 <= position < len(self.device_ids):
+            return
+        try:
+            with torch.cuda.device(self.device_ids[position]):
+                torch.cuda.empty_cache()
+        except Exception:  # a broken device cannot release anything
+            return
 
     def close(self) -> None:
         self._pending.clear()
