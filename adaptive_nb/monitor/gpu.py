@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from .nvml import NvmlBackend, NvmlDeviceError
-from .snapshot import GpuFault, GpuProcess, GpuSample
+from .snapshot import GpuFault, GpuProcess, GpuSample, OwnMemoryReader
 
 __all__ = ["GpuSampler", "parse_cuda_visible_devices", "torch_index_map"]
 
@@ -110,6 +110,7 @@ class GpuSampler:
       environment variable is read at each sample (cheap; re-mapped only when it changes).
     * A device that cannot be read is skipped and reported as a :class:`GpuFault`; the
       first failure of each device is logged once. Nothing raises out of :meth:`sample`.
+    * ``own_memory``: see :meth:`set_own_memory_reader`.
     """
 
     def __init__(
@@ -129,6 +130,8 @@ class GpuSampler:
         self._failing: set[int] = set()
         self._last_uuid: dict[int, str] = {}  # survives a lost device's static info
         self.lost: dict[int, str] = {}  # nvml index -> uuid of devices reported lost
+        self._own: OwnMemoryReader | None = None
+        self._own_failed = False
 
     def set_cuda_uuids(self, cuda_uuids: Sequence[str] | None) -> None:
         """Map by torch's own device UUIDs (torch order) from now on: exact whatever
@@ -136,6 +139,28 @@ class GpuSampler:
         NVML's PCI order on a mixed workstation)."""
         self._cuda_uuids = list(cuda_uuids) if cuda_uuids is not None else None
         self._map_key = None  # re-map at the next sample
+
+    def set_own_memory_reader(self, reader: OwnMemoryReader | None) -> None:
+        """Count this process's memory with ``reader(torch_index)`` from now on (MB, or
+        None when unknown), instead of only by matching NVML's process PIDs to ours: in
+        Docker and most cloud notebooks NVML reports PIDs of another PID namespace, so our
+        own memory would be counted as another job's. A GPU run sets it (CUDA allocator
+        reserved + context); the sampler itself needs no torch."""
+        self._own = reader
+        self._own_failed = False
+
+    def _own_mb(self, index: int | None) -> float | None:
+        reader = self._own
+        if reader is None or index is None:
+            return None
+        try:
+            mb = reader(index)
+        except Exception:  # the reader must not break sampling: fall back to PID matching
+            if not self._own_failed:
+                self._own_failed = True
+                log.warning("Reading own GPU memory failed; matching NVML PIDs", exc_info=True)
+            return None
+        return None if mb is None else max(0.0, float(mb))
 
     def _env_value(self) -> str | None:
         if isinstance(self._cvd, _FromEnv):
@@ -221,6 +246,7 @@ class GpuSampler:
             temperature_c=b.temperature_c(i),
             processes=procs,
             simulated=sim,
+            own_mem_mb=self._own_mb(index),
         )
 
     def _fault(self, i: int, uuid: str, err: NvmlDeviceError, index_of: dict[int, int]) -> GpuFault:

@@ -31,7 +31,7 @@ from .gpu import FROM_ENV, GpuSampler, _FromEnv
 from .host import HostSampler
 from .nvml import NO_DRIVER_NOTICE, NvmlBackend, open_nvml
 from .ring import NumericRing, Ring
-from .snapshot import GpuFault, GpuSample, HostSample, Snapshot
+from .snapshot import GpuFault, GpuSample, HostSample, OwnMemoryReader, Snapshot
 
 __all__ = [
     "HOST_SERIES",
@@ -127,6 +127,12 @@ class Monitor:
         :class:`GpuSample` carries the right torch index (see :class:`GpuSampler`)."""
         with self._sample_lock:
             self.gpu.set_cuda_uuids(cuda_uuids)
+
+    def set_own_memory_reader(self, reader: OwnMemoryReader | None) -> None:
+        """Count this process's GPU memory with ``reader(torch_index)`` (see
+        :meth:`GpuSampler.set_own_memory_reader`); None: back to PID matching only."""
+        with self._sample_lock:
+            self.gpu.set_own_memory_reader(reader)
 
     def lost_gpus(self) -> dict[int, str]:
         """NVML index → UUID of GPUs that were reported lost (fell off the bus)."""

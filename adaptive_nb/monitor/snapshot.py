@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["GpuFault", "GpuProcess", "GpuSample", "HostSample", "Snapshot", "SnapshotSource"]
+__all__ = [
+    "GpuFault",
+    "GpuProcess",
+    "GpuSample",
+    "HostSample",
+    "OwnMemoryReader",
+    "Snapshot",
+    "SnapshotSource",
+]
+
+OwnMemoryReader = Callable[[int], float | None]
+"""``reader(torch_index) -> MB`` this process holds on the device (CUDA allocator reserved
++ context), or None when unknown. Set by a GPU run (which has torch); the monitor itself
+never imports torch."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +48,32 @@ class GpuSample:
     temperature_c: float | None = None
     processes: tuple[GpuProcess, ...] = ()
     simulated: bool = False
+    # This process's memory as its CUDA allocator counts it (reserved + the context), when
+    # a training run told the monitor how to read it; None: not known (PID matching only).
+    own_mem_mb: float | None = None
+
+    @property
+    def pid_mem_mb(self) -> float:
+        """Memory NVML's process list attributes to this process's PID. In a container
+        NVML reports PIDs of the host's namespace, so this is often 0 for our own job."""
+        return sum(p.used_memory_mb for p in self.processes if p.is_self)
 
     @property
     def self_mem_mb(self) -> float:
-        return sum(p.used_memory_mb for p in self.processes if p.is_self)
+        """Memory this process holds: the larger of the allocator's count and the PID
+        match (the allocator does not see non-torch allocations; the PID match does not
+        work across PID namespaces)."""
+        if self.own_mem_mb is None:
+            return self.pid_mem_mb
+        return max(self.own_mem_mb, self.pid_mem_mb)
+
+    @property
+    def unlisted_own_mem_mb(self) -> float:
+        """Own memory (allocator count) that NVML's process list does not attribute to our
+        PID: large when the PIDs come from another PID namespace; 0 when unknown."""
+        if self.own_mem_mb is None:
+            return 0.0
+        return max(0.0, self.own_mem_mb - self.pid_mem_mb)
 
     @property
     def external_mem_mb(self) -> float:

@@ -128,6 +128,8 @@ class AllocationController(Controller):
         self._static_t: list[float] = []  # predicted step time of the equal split
         self._chosen_t: list[float] = []  # predicted step time of the plan in force
         self._static_oom = 0  # re-plans at which the equal split would not fit in memory
+        self._notices: list[Event] = []  # found while reading a snapshot, told at the tick
+        self._unlisted_noted: set[int] = set()  # positions told about a PID namespace
         positions = [d.position for d in self.devices]
         first = static_plan(positions, len(positions), 0)
         assert first is not None
@@ -176,6 +178,8 @@ class AllocationController(Controller):
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
         self._now = now
         self._read_snapshot(now, snapshot)
+        told = [Event(e.t, e.kind, e.detail, step) for e in self._notices]
+        self._notices.clear()
         ref = self._ref_batch()
         for d in self.devices:
             if d.position in self.plan.devices and d.time_model.ready:
@@ -184,8 +188,8 @@ class AllocationController(Controller):
                 if d.best is None or a + b * ref < d.best[0] + d.best[1] * ref:
                     d.best = (a, b)
         if self._batch <= 0:
-            return []
-        return self._replan(now, step, forced=False)
+            return told
+        return told + self._replan(now, step, forced=False)
 
     def _read_snapshot(self, now: float, snapshot: Snapshot | None) -> None:
         if snapshot is None:
@@ -199,6 +203,7 @@ class AllocationController(Controller):
                 continue
             d.missing = False
             d.total_mb = g.mem_total_mb
+            self._note_unlisted(d, g, now)
             d.ext_mem.update(now, g.external_mem_mb)
             if d.position not in self.plan.devices:  # our run is not on it: util is external
                 u = min(1.0, max(0.0, g.util_pct / 100.0))
@@ -213,6 +218,24 @@ class AllocationController(Controller):
             ):
                 d.oom_cap = None  # memory was released since the OOM: lift the cap
                 d.oom_avail_mb = None
+
+    def _note_unlisted(self, d: _Device, g: GpuSample, now: float) -> None:
+        """PID matching is only a cross-check of the allocator's count: say once per device
+        when NVML attributes much less to our PID than we hold (a PID namespace)."""
+        own = g.own_mem_mb
+        if own is None or d.position in self._unlisted_noted:
+            return
+        if g.unlisted_own_mem_mb > max(512.0, 0.5 * own):
+            self._unlisted_noted.add(d.position)
+            self._notices.append(
+                Event(
+                    now,
+                    EventKind.NOTICE,
+                    f"{d.name}: NVML does not list {g.unlisted_own_mem_mb / 1024:.1f} GB of this "
+                    "run's memory under its process ID (a container's PID namespace?); "
+                    "counting it from the CUDA allocator, not as another job's",
+                )
+            )
 
     # -- models for the planner -----------------------------------------------------------
     def _available_mb(self, d: _Device) -> float | None:

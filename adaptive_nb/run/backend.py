@@ -18,6 +18,7 @@ from ..plan.allocation import AllocationController
 from ..plan.base import Controller, NullController
 from ..plan.threads import ThreadController
 from . import slot
+from .own_memory import tell_monitor_own_memory
 from .plugins import device_provider
 from .validate import DeviceSpec
 
@@ -39,6 +40,7 @@ def build_backend(
     monitor = _default_monitor()
     if spec.kind == "gpu":
         _tell_monitor_cuda_uuids(monitor)
+        tell_monitor_own_memory(monitor, list(spec.gpu_ids))  # NVML PIDs miss us in containers
         gpu_engine, gpu_controller = build_gpu_run(
             list(spec.gpu_ids),
             policy=policy,
