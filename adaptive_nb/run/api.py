@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from .observers import Observer
 from .plugins import DashboardFactory, dashboard_factory
 from .progress_text import TextProgress
 from .report import RunReport
+from .training import Training, check_training_options
 from .validate import check_counts, check_inputs, check_policy, parse_devices
 
 __all__ = ["active_run", "last_run", "start", "train"]
@@ -50,6 +51,15 @@ def _prepare(
     names: Mapping[str, str] | None,
     loss_name: str,
     handle_interrupt: bool,
+    scheduler: Any = None,
+    scheduler_interval: str | None = None,
+    scheduler_metric: str | None = None,
+    clip_grad_norm: float | None = None,
+    precision: str = "fp32",
+    evaluate: Any = None,
+    eval_every: int | None = None,
+    callbacks: Any = None,
+    accumulate: int = 1,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -59,6 +69,20 @@ def _prepare(
     if not control_interval > 0:
         raise UsageError(f"control_interval must be positive, got {control_interval}.")
     spec = parse_devices(devices)
+    options = check_training_options(
+        optimizer=optimizer,
+        device_kind=spec.kind,
+        names=names,
+        scheduler=scheduler,
+        scheduler_interval=scheduler_interval,
+        scheduler_metric=scheduler_metric,
+        clip_grad_norm=clip_grad_norm,
+        precision=precision,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        callbacks=callbacks,
+        accumulate=accumulate,
+    )
     busy = slot.active_run()
     if busy is not None:  # early, friendly check; the slot is claimed atomically later
         raise UsageError(slot.busy_message(busy))
@@ -88,6 +112,7 @@ def _prepare(
         loss_name=loss_name,
         data_name=(names or {}).get("data", "data"),
         handle_interrupt=handle_interrupt,
+        training=Training(options, optimizer, device_type=engine.primary_device().type),
     )
 
 
@@ -109,6 +134,15 @@ def train(
     names: Mapping[str, str] | None = None,
     loss_name: str = "loss",
     progress: bool = False,
+    scheduler: Any = None,
+    scheduler_interval: str | None = None,
+    scheduler_metric: str | None = None,
+    clip_grad_norm: float | None = None,
+    precision: str = "fp32",
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    callbacks: Any = None,
+    accumulate: int = 1,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -136,6 +170,45 @@ def train(
     A Ctrl-C / kernel interrupt stops at the next step boundary and raises
     ``KeyboardInterrupt``; the partial report is on the exception's run
     (``adaptive_nb.last_run().report``).
+
+    The model is put in training mode (``model.train()``) before the first step and after
+    every evaluation.
+
+    Training-loop options (all checked before anything runs):
+
+    - ``scheduler``: a ``torch.optim.lr_scheduler`` scheduler of ``optimizer``, stepped
+      once per *applied* optimizer step (``scheduler_interval="step"``, default) or once
+      per epoch (``"epoch"``); never per micro-batch, accumulated batch or retry, and not
+      after a skipped step. A ``ReduceLROnPlateau`` is stepped after each evaluation with
+      ``metrics[scheduler_metric]`` (both ``scheduler_metric`` and ``evaluate`` needed).
+    - ``clip_grad_norm``: clip the total gradient norm to this value once per step, after
+      all batches of the step and after fp16 unscaling, before ``optimizer.step``. The
+      norm before clipping is in ``report.grad_norm``. A non-finite norm skips the step
+      (model and optimizer unchanged) with a ``nonfinite`` event, so NaN gradients never
+      reach the model silently (without clipping nothing checks the gradients).
+    - ``precision``: ``"fp32"`` (default), ``"bf16"`` (``torch.autocast`` to bfloat16
+      around the step body; CPU or GPU), ``"fp16"`` (autocast to float16 plus a
+      ``torch.amp.GradScaler``; CUDA only). Under fp16 the reported loss is unscaled; a
+      step with overflowed gradients is skipped by the scaler, counted in
+      ``summary["amp_skipped_steps"]`` and shown as an event.
+    - ``evaluate``: ``evaluate(model) -> {"name": number}``, run after every epoch (or
+      every ``eval_every`` optimizer steps) under ``model.eval()`` and ``torch.no_grad()``;
+      metrics in ``report.evaluations``, time in ``summary["eval_s"]`` (excluded from the
+      throughput).
+    - ``callbacks``: an object (or a list of them) with any of
+      ``on_step_end(step, loss, history)``, ``on_epoch_end(epoch, history)``,
+      ``on_eval(metrics)``; ``history`` is the live
+      :class:`~adaptive_nb.run.history.TrainingHistory`.
+    - ``accumulate``: one optimizer step per ``accumulate`` loader batches, each batch's
+      loss weighted by its share of the samples (the gradient of the mean over all of
+      them); groups do not span epochs. ``steps``, the scheduler, clipping, callbacks and
+      ``eval_every`` count optimizer steps.
+
+    **The step body may run more than once per applied step**: an out-of-memory retry
+    re-runs it on the same batch, and micro-batches and accumulated batches run it once
+    per piece. Side effects that must happen once per step (logging, counters, saving)
+    belong in ``callbacks``, which are called exactly once per committed step and never
+    for a retried or failed attempt.
     """
     if progress:
         observers = [*observers, TextProgress()]
@@ -156,6 +229,15 @@ def train(
         names=names,
         loss_name=loss_name,
         handle_interrupt=True,
+        scheduler=scheduler,
+        scheduler_interval=scheduler_interval,
+        scheduler_metric=scheduler_metric,
+        clip_grad_norm=clip_grad_norm,
+        precision=precision,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        callbacks=callbacks,
+        accumulate=accumulate,
     )
     slot.set_last(run)
     return run.execute()

@@ -1,26 +1,31 @@
 """The control loop: runs the user's step over the data, applying the allocation that the
 controller chooses, and produces a :class:`~adaptive_nb.report.RunReport`.
 
-Per global batch: apply control requests (pause/stop/policy...) at the step boundary,
-zero_grad, forward+backward on the engine (retrying the same batch after a recovered
-out-of-memory or a dropped device), ``optimizer.step()`` exactly once, record the
-measurement. Every ``control_interval`` seconds (engine clock) the controller re-plans.
+Per optimizer step: apply control requests (pause/stop/policy...) at the step boundary,
+zero_grad, forward+backward on the engine of each batch of the step (one, or
+``accumulate`` loader batches; retrying the same batch after a recovered out-of-memory or
+a dropped device), then the step applied exactly once (:meth:`.training.Training.commit`:
+unscale, clip, ``optimizer.step``, scheduler), record the measurement, call the user's
+callbacks, evaluate when due. Every ``control_interval`` seconds (engine clock) the
+controller re-plans.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..batches import move_to
+from ..batches import batch_size_of, move_to
 from ..engine.base import Engine
 from ..errors import DeviceFailure, OutOfMemory, UsageError
 from ..events import Event, EventKind, Progress, RunInfo, TickRecord
@@ -29,12 +34,18 @@ from ..plan.base import Controller
 from ..plan.threads import ThreadController
 from ..step import StepFn, StepOutcome
 from . import slot
-from .attempt import align_optimizer_state, checked_step, forward_backward
+from .attempt import (
+    align_optimizer_state,
+    apply_optimizer_step,
+    checked_step,
+    forward_backward,
+)
 from .control import RunControl
 from .observers import Observer, SafeObservers
 from .records import run_summary, tick_record
 from .report import RunReport
 from .rollback import StepRollback
+from .training import Commit, Training, TrainingOptions
 
 __all__ = ["Run"]
 
@@ -53,6 +64,16 @@ _ALLOCATION_KINDS = frozenset(
         EventKind.MICROBATCH,
     }
 )
+
+
+@dataclass(frozen=True)
+class _EpochEnd:
+    """Marks, in the stream of batches, that epoch ``epoch`` (0-based) went through."""
+
+    epoch: int
+
+
+_DONE = object()
 
 
 class Run:
@@ -78,9 +99,15 @@ class Run:
         loss_name: str = "loss",
         data_name: str = "data",
         handle_interrupt: bool = True,
+        training: Training | None = None,
     ) -> None:
         self.run_id = uuid.uuid4().hex[:12]
-        self.step_fn = checked_step(step, loss_name)
+        self.training = training or Training(
+            TrainingOptions(), optimizer, device_type=engine.primary_device().type
+        )
+        self.step_fn = self.training.wrap_loss(
+            checked_step(self.training.wrap_body(step), loss_name)
+        )
         self.model = model
         self.optimizer = optimizer
         self.data = data
@@ -114,6 +141,8 @@ class Run:
         self._wall_real0 = 0.0
         self._paused_s = 0.0  # engine-clock seconds spent paused (not training)
         self._paused_real_s = 0.0
+        self._eval_s = 0.0  # engine-clock seconds spent evaluating (not training)
+        self._eval_real_s = 0.0
         self._interrupts = 0
         self._in_optimizer_step = False
         self._finishing = False  # a repeated Ctrl-C must not lose the report being built
@@ -175,7 +204,8 @@ class Run:
             n = len(self.data)  # type: ignore[arg-type]
         except TypeError:
             return None
-        return None if self.epochs is None else n * self.epochs
+        per_epoch = math.ceil(n / self.training.accumulate)  # groups never span epochs
+        return None if self.epochs is None else per_epoch * self.epochs
 
     def _now(self) -> float:
         return self.engine.clock() - self._t0
@@ -211,6 +241,8 @@ class Run:
                     self.epoch = epoch
                     self._epochs_started = epoch + 1
                 yield batch
+            if got:
+                yield _EpochEnd(epoch)
             if not got:
                 if self.step == 0:
                     raise UsageError(
@@ -267,6 +299,7 @@ class Run:
             eta_s=eta,
             loss=loss,
             paused=paused,
+            lr=float(self.optimizer.param_groups[0]["lr"]) if self.optimizer.param_groups else None,
         )
 
     def _forward_backward(self, batch: Any) -> StepOutcome:
@@ -284,6 +317,76 @@ class Run:
         )
         self.oom_recovered += ooms
         return outcome
+
+    def _next_group(self, batches: Iterator[Any]) -> tuple[list[Any], _EpochEnd | None, bool]:
+        """The loader batches of the next optimizer step (``accumulate`` of them, fewer at
+        the end of an epoch), the end of epoch that followed them, and whether the data
+        ran out."""
+        group: list[Any] = []
+        while len(group) < self.training.accumulate:
+            item = next(batches, _DONE)
+            if item is _DONE:
+                return group, None, True
+            if isinstance(item, _EpochEnd):
+                return group, item, False
+            group.append(item)
+        return group, None, False
+
+    def _train_step(
+        self, group: list[Any], primary: torch.device
+    ) -> tuple[list[StepOutcome], Commit]:
+        """Forward/backward of each batch of the step, then the step applied once."""
+        training = self.training
+        outcomes: list[StepOutcome] = []
+        sizes = [batch_size_of(b) for b in group] if len(group) > 1 else [1]
+        total = sum(sizes)
+        for batch, n in zip(group, sizes, strict=True):
+            if training.accumulate > 1:
+                training.set_weight(n / total if total > 0 else 1.0 / len(group))
+            outcomes.append(self._forward_backward(move_to(batch, primary)))
+            training.after_batch()
+        self._in_optimizer_step = True  # a second Ctrl-C waits until it is counted
+        commit = training.commit(self._apply_optimizer_step)
+        self.step += 1
+        self.samples += sum(o.samples for o in outcomes)
+        self._in_optimizer_step = False
+        return outcomes, commit
+
+    def _apply_optimizer_step(self, update: Callable[[], object]) -> None:
+        """Run the optimizer update (``optimizer.step`` or ``scaler.step``) exactly once
+        (:func:`.attempt.apply_optimizer_step` recovers an out-of-memory where exact)."""
+        self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=update)
+
+    def _after_step(self) -> None:
+        """Once per committed step: the callbacks, then an evaluation when one is due."""
+        training = self.training
+        if training.callbacks.items:
+            loss = float(self._last_loss) if self._last_loss is not None else None
+            training.callbacks.step_end(self.step, loss, training.history)
+        if training.evaluator.due_after_step(self.step):
+            self._evaluate()
+
+    def _after_epoch(self, epoch: int) -> None:
+        training = self.training
+        if training.evaluator.due_after_epoch():
+            self._evaluate()
+        training.schedule.after_epoch()
+        training.callbacks.epoch_end(epoch, training.history)
+
+    def _evaluate(self) -> None:
+        """The user's evaluation (eval mode, no grad; train mode again after), timed apart
+        from training, recorded, announced, then the plateau scheduler and ``on_eval``."""
+        training = self.training
+        t0, real0 = self._now(), time.perf_counter()
+        metrics = training.evaluator.run(self.model)
+        self._eval_s += self._now() - t0
+        self._eval_real_s += time.perf_counter() - real0
+        training.history.eval_s = self._eval_s
+        training.history.record_eval(self.step, self.epoch, metrics)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._event(EventKind.EVAL, f"{training.evaluator.name} after step {self.step}: {shown}")
+        training.schedule.after_eval(metrics, training.evaluator.name)
+        training.callbacks.eval(metrics)
 
     def _on_oom(self, err: OutOfMemory) -> Sequence[Event]:
         events = self.controller.on_oom(err, self._now(), self.step)
@@ -360,6 +463,7 @@ class Run:
             self._done.set()
 
     def _execute(self) -> RunReport:
+        self.model.train()  # a model left in eval mode would train with BatchNorm frozen
         model = self.engine.prepare(self.model)
         align_optimizer_state(self.optimizer)
         wrapped_step = self.step_fn
@@ -403,36 +507,39 @@ class Run:
                 if self.steps is not None and self.step >= self.steps:
                     break
                 self._own_s += clock() - own0  # data loading below is not our overhead
-                try:
-                    batch = next(batches)
-                except StopIteration:
+                group, epoch_end, exhausted = self._next_group(batches)
+                if group:
+                    outcomes, commit = self._train_step(group, primary)
+                    own0 = clock()
+                    samples = sum(o.samples for o in outcomes)
+                    self._last_loss = self.training.report_loss([o.loss for o in outcomes])
+                    for outcome in outcomes:
+                        self.controller.observe(outcome)
+                    if not commit.applied:
+                        self._event(commit.event_kind, commit.detail)
+                    now = self._now()
+                    dt = max(now - last_t, 1e-9)
+                    last_t = now
+                    a = 0.2 if self.step > 3 else 1.0
+                    self._step_s = (1 - a) * self._step_s + a * dt
+                    self._rate = (1 - a) * self._rate + a * (samples / dt)
+                    if now >= next_tick:
+                        next_tick = now + interval
+                        self._tick()
+                    if self._observers:
+                        real = time.monotonic()
+                        if real >= next_progress:
+                            next_progress = real + 1.0 / PROGRESS_HZ
+                            self._observers.call("on_progress", self._progress())
+                    self._apply_requests()
+                    self._own_s += clock() - own0
+                    self._after_step()  # the user's callbacks and evaluation: not overhead
+                if epoch_end is not None:
+                    self._after_epoch(epoch_end.epoch)
+                if group or epoch_end is not None:
+                    last_t = self._now()  # evaluation and callbacks are not step time
+                if exhausted:
                     break
-                batch = move_to(batch, primary)
-                outcome = self._forward_backward(batch)
-                self._in_optimizer_step = True  # a second Ctrl-C waits until it is counted
-                self.optimizer.step()
-                self.step += 1
-                self.samples += outcome.samples
-                self._in_optimizer_step = False
-                own0 = clock()
-                self._last_loss = outcome.loss
-                self.controller.observe(outcome)
-                now = self._now()
-                dt = max(now - last_t, 1e-9)
-                last_t = now
-                a = 0.2 if self.step > 3 else 1.0
-                self._step_s = (1 - a) * self._step_s + a * dt
-                self._rate = (1 - a) * self._rate + a * (outcome.samples / dt)
-                if now >= next_tick:
-                    next_tick = now + interval
-                    self._tick()
-                if self._observers:
-                    real = time.monotonic()
-                    if real >= next_progress:
-                        next_progress = real + 1.0 / PROGRESS_HZ
-                        self._observers.call("on_progress", self._progress())
-                self._apply_requests()
-                self._own_s += clock() - own0
             if self.ended == "running":
                 self.ended = "completed"
         except DeviceFailure as exc:
@@ -475,9 +582,17 @@ class Run:
             real_wall_s=time.perf_counter() - self._wall_real0 - self._paused_real_s,
         )
         summary.update(self.controller.summary())
+        summary.update(self.training.summary())
         summary["events"] = [e.to_dict() for e in self.events]
+        history = self.training.history
         self.report = RunReport(
-            info=self.info, summary=summary, timeline=list(self.timeline), events=list(self.events)
+            info=self.info,
+            summary=summary,
+            timeline=list(self.timeline),
+            events=list(self.events),
+            lr=list(history.lr),
+            grad_norm=list(history.grad_norm),
+            evaluations=[dict(e) for e in history.evaluations],
         )
         self._observers.call("on_progress", self._progress())
         self._observers.call("on_end", self.report)

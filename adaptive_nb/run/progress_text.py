@@ -1,6 +1,6 @@
 """A one-line text progress display (for ``--no-widget`` and scripts): step/total,
-samples/s, ETA and loss, rewritten in place at most every ``interval_s`` seconds, then
-decisions and the end as plain lines."""
+samples/s, ETA, loss and learning rate, rewritten in place at most every ``interval_s``
+seconds, then decisions and the end as plain lines."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ _SHOWN = {
     EventKind.PAUSE,
     EventKind.RESUME,
     EventKind.STOP,
+    EventKind.EVAL,
+    EventKind.NONFINITE,
 }
 
 
@@ -78,11 +80,12 @@ class TextProgress(BaseObserver):
         total = f"/{progress.total_steps}" if progress.total_steps else ""
         pct = f" {100 * progress.step / progress.total_steps:3.0f}%" if progress.total_steps else ""
         loss = f" · loss {progress.loss:.4g}" if progress.loss is not None else ""
+        lr = f" · lr {progress.lr:.3g}" if progress.lr is not None else ""
         state = " · paused" if progress.paused else ""
         eta = f" · ETA {format_duration(progress.eta_s)}" if progress.total_steps else ""
         self.stream.write(
             f"\rstep {progress.step}{total}{pct} · {progress.samples_per_s:,.0f} samples/s"
-            f"{self._sim} · elapsed {format_duration(progress.elapsed_s)}{eta}{loss}{state}   "
+            f"{self._sim} · elapsed {format_duration(progress.elapsed_s)}{eta}{loss}{lr}{state}   "
         )
         self.stream.flush()
         self._open_line = True

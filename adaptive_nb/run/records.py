@@ -86,9 +86,11 @@ def utilisation_summary(
 
 def run_summary(run: Run, *, wall_s: float, real_wall_s: float) -> dict[str, Any]:
     """The report's summary of ``run`` (before the controller's own fields and the events).
-    ``wall_s`` is on the engine's clock (virtual when simulated), paused time included;
-    ``real_wall_s`` is real time with the pauses taken out."""
-    training_s = wall_s - run._paused_s
+    ``wall_s`` is on the engine's clock (virtual when simulated), paused and evaluation
+    time included; ``real_wall_s`` is real time with the pauses taken out. Throughput and
+    overhead are of training alone (pauses and evaluations taken out)."""
+    training_s = wall_s - run._paused_s - run._eval_s
+    real_training_s = real_wall_s - run._eval_real_s
     names_end = [n for n, s in run.controller.shares().items() if s > 0] or list(
         run.engine.device_names()
     )
@@ -108,8 +110,8 @@ def run_summary(run: Run, *, wall_s: float, real_wall_s: float) -> dict[str, Any
         "reallocations": run.reallocations,
         "oom_recovered": run.oom_recovered,
         "device_failures": run.device_failures,
-        "controller_overhead_pct": round(100 * run._own_s / real_wall_s, 3)
-        if real_wall_s > 0
+        "controller_overhead_pct": round(100 * run._own_s / real_training_s, 3)
+        if real_training_s > 0
         else None,
         "utilisation": utilisation_summary(run._util, run._peak_mem),
     }

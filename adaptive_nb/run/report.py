@@ -20,12 +20,19 @@ __all__ = ["RunReport"]
 @dataclass
 class RunReport:
     """What a run did. ``summary`` holds the headline figures; ``timeline`` one record per
-    control tick; ``events`` every decision and incident in order."""
+    control tick; ``events`` every decision and incident in order. Per optimizer step:
+    ``lr[k]``, the learning rate step ``k + 1`` was applied with, and (with gradient
+    clipping) ``grad_norm[k]``, its total gradient norm before clipping (None: not finite,
+    the step was skipped); ``evaluations``: ``{"step", "epoch", "metrics"}`` per
+    evaluation."""
 
     info: RunInfo
     summary: dict[str, Any]
     timeline: list[TickRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float | None] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     # -- exports ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -34,6 +41,9 @@ class RunReport:
             "summary": self.summary,
             "timeline": [r.to_dict() for r in self.timeline],
             "events": [e.to_dict() for e in self.events],
+            "lr": list(self.lr),
+            "grad_norm": list(self.grad_norm),
+            "evaluations": [dict(e) for e in self.evaluations],
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -50,6 +60,9 @@ class RunReport:
             summary=dict(data["summary"]),
             timeline=[TickRecord(**r) for r in data.get("timeline", [])],
             events=[Event(**e) for e in data.get("events", [])],
+            lr=list(data.get("lr", [])),
+            grad_norm=list(data.get("grad_norm", [])),
+            evaluations=[dict(e) for e in data.get("evaluations", [])],
         )
 
     @classmethod
@@ -147,6 +160,14 @@ _SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("paused_s", "Paused"),
     ("samples_per_s", "Throughput (samples/s)"),
     ("final_loss", "Final loss"),
+    ("lr_final", "Learning rate at the end"),
+    ("grad_norm_max", "Largest gradient norm (before clipping)"),
+    ("grad_norm_last", "Last gradient norm (before clipping)"),
+    ("nonfinite_skipped_steps", "Steps skipped: non-finite gradients"),
+    ("amp_skipped_steps", "Steps skipped by the fp16 GradScaler"),
+    ("precision", "Precision"),
+    ("accumulate", "Batches per optimizer step"),
+    ("eval_s", "Evaluation time (not in throughput)"),
     ("devices", "Devices at the end"),
     ("policy", "Policy"),
     ("reallocations", "Reallocations"),
@@ -179,6 +200,28 @@ def _sparkline(values: list[float], width: int = 320, height: int = 48) -> str:
     )
 
 
+def _evaluations_html(report: RunReport, last: int = 20) -> str:
+    """The last evaluations as a table: step, epoch, one column per metric."""
+    if not report.evaluations:
+        return ""
+    shown = report.evaluations[-last:]
+    names: list[str] = []
+    for ev in shown:
+        names.extend(k for k in ev.get("metrics", {}) if k not in names)
+    esc = html.escape
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><td>{ev.get('step')}</td><td>{ev.get('epoch')}</td>"
+        + "".join(f"<td>{_fmt_num(ev.get('metrics', {}).get(n))}</td>" for n in names)
+        + "</tr>"
+        for ev in shown
+    )
+    return (
+        f"<h4 style='margin:8px 0 4px'>Evaluations ({len(report.evaluations)})</h4>"
+        f"<table><tr><th>step</th><th>epoch</th>{head}</tr>{body}</table>"
+    )
+
+
 def render_html(report: RunReport) -> str:
     """The report as a self-contained HTML block (summary table, utilisation, events)."""
     s = report.summary
@@ -194,7 +237,11 @@ def render_html(report: RunReport) -> str:
         if key not in s or s[key] is None:
             continue
         value = s[key]
-        if key in ("wall_s", "paused_s"):
+        if key in ("nonfinite_skipped_steps", "amp_skipped_steps", "eval_s") and not value:
+            continue
+        if key in ("precision", "accumulate") and value in ("fp32", 1):
+            continue
+        if key in ("wall_s", "paused_s", "eval_s"):
             if key == "paused_s" and not value:
                 continue
             text = _fmt_s(value)
@@ -249,5 +296,6 @@ def render_html(report: RunReport) -> str:
     return (
         "<div class='adaptive-nb-report' style='font-family:var(--jp-ui-font-family,sans-serif)'>"
         f"<h3 style='margin:4px 0'>adaptive_nb run report{sim_badge}</h3>"
-        f"<table>{''.join(rows)}</table>{util_html}{spark_html}{events_html}</div>"
+        f"<table>{''.join(rows)}</table>{util_html}{spark_html}"
+        f"{_evaluations_html(report)}{events_html}</div>"
     )
