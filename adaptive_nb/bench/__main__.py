@@ -1,5 +1,6 @@
-"""``python -m adaptive_nb.bench SCENARIO.json [...] [--json]``: adaptive vs static vs
-oracle on simulated fleets (virtual time, no model compute)."""
+"""``python -m adaptive_nb.bench SCENARIO.json [...] [--json | --markdown]``: adaptive vs
+static vs oracle on simulated fleets (virtual time, no model compute). Adaptive and static
+run the real training loop; the oracle is an exact evaluation (see :mod:`.oracle`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..sim.scenario import load_scenario
+from .oracle import METHOD
 from .runner import compare
 
 __all__ = ["main"]
@@ -85,6 +87,10 @@ def _run(args: argparse.Namespace) -> int:
         print(HEADER)
         for r in results:
             print(_row(r))
+        print(
+            f"\noracle: {METHOD}. Adaptive and static run the real training loop on the "
+            "model-free simulated engine (virtual time)."
+        )
     if args.json:
         for r in results:
             print(json.dumps(r))
