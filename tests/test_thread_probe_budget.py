@@ -174,3 +174,22 @@ def test_static_policy_never_waits_nor_probes() -> None:
     ctl = controller(t, policy="static", expected_steps=100_000)
     ran_with, events = run(ctl, t, TWO_CORES, 400)
     assert set(ran_with) == {2} and ctl.probes == 0 and events == []
+
+
+def test_a_load_change_on_a_short_run_waits_for_the_budget_too() -> None:
+    t = FakeThreads(2)
+    ctl = controller(t)
+    run(ctl, t, TWO_CORES, 20, snap=host(external_pct=0.0))  # idle: nothing to try
+    ran_with, events = run(ctl, t, TWO_CORES, 100, snap=host(external_pct=60.0))
+    assert any(e.kind == EventKind.NOTICE and "re-probing" in e.detail for e in events)
+    assert set(ran_with) == {2} and ctl.probes == 0  # 120 steps cannot pay for 3 lost
+
+
+def test_a_load_change_on_a_long_run_reprobes_and_adapts() -> None:
+    t = FakeThreads(2)
+    ctl = controller(t)
+    run(ctl, t, TWO_CORES, 400, snap=host(external_pct=0.0))
+    assert ctl.probes == 0
+    busy = {1: 0.030, 2: 0.060}  # another job took a core: 2 threads now stall
+    run(ctl, t, busy, 40, snap=host(external_pct=60.0))
+    assert ctl.probes == 1 and t.n == 1

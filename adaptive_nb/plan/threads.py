@@ -11,7 +11,8 @@ run: of the expected steps when the run's length is known, else of the steps run
 short run never probes). On an idle machine fewer threads than the usable cores cannot win
 unless steps are tiny (per-op thread synchronisation), so they are not tried. What a probe
 learned is remembered for the same model, batch size and cores (:mod:`.thread_probe`): the
-same cell run again holds it at once. A sustained external load change re-probes at once.
+same cell run again holds it at once. A sustained external load change re-probes, under the
+same budget.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class ThreadController(Controller):
 
     # -- Controller interface ---------------------------------------------------------
     def observe(self, outcome: StepOutcome) -> None:
+        self._steps_seen += 1
         if self._waiting:
             self._observe_waiting(outcome)
             return
@@ -205,7 +207,6 @@ class ThreadController(Controller):
     # -- before the first probe -----------------------------------------------------------
     def _observe_waiting(self, outcome: StepOutcome) -> None:
         """Measure the held count for free while deciding whether a probe would pay."""
-        self._steps_seen += 1
         if self._steps_seen == 1:
             self._recall(outcome.samples)
             if not self._waiting:
@@ -248,7 +249,7 @@ class ThreadController(Controller):
                 self._now,
                 EventKind.HOLD,
                 f"holding {known.threads} threads: learned by an earlier run of this model in "
-                f"this kernel ({rates}); probing again only if the CPU load changes",
+                f"this process ({rates}); probing again only if the CPU load changes",
                 self._step,
             )
         )
@@ -397,10 +398,25 @@ class ThreadController(Controller):
                     Event(
                         self._now,
                         EventKind.NOTICE,
-                        f"external CPU load {before:.0f}% → {external:.0f}%: re-probing threads",
+                        f"external CPU load {before:.0f}% → {external:.0f}%: re-probing threads"
+                        + ("" if self._budget is None else " once it can pay for itself"),
                         self._step,
                     )
                 )
-                self._start_probe("load changed")
+                self._reprobe()
         else:
             self._pending_load_hits = 0
+
+    def _reprobe(self) -> None:
+        """After a load change: probe again, under the same budget as the first probe (the
+        held count is measured afresh under the new load meanwhile)."""
+        if self._budget is None:
+            self._start_probe("load changed")
+            return
+        self._probing = False
+        self._queue = []
+        self._waiting = True
+        self._planned = False
+        self._probe_at = None
+        self._held_rates.clear()
+        self._held_wall.clear()
