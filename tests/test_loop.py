@@ -329,7 +329,9 @@ def test_background_run_can_be_stopped_through_its_control(tiny: Any) -> None:
         return ce_step(m, batch)
 
     run = adaptive_nb.start(slow, model=model, optimizer=opt, data=data, steps=10_000)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # wait for the first steps, however loaded the machine
+    while run.status()["step"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert run.status()["step"] > 0
     run.control.stop()
     report = run.wait(30)
