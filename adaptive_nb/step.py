@@ -32,3 +32,6 @@ class StepOutcome:
     # minus it is the allocator's cache/fragmentation slack, kept as a separate margin.
     peak_alloc_mb: dict[int, float] = field(default_factory=dict)
     reserved_mb: dict[int, float] = field(default_factory=dict)
+    # Measured device seconds per position and phase ("forward", "backward", and on the
+    # primary "loss", "optimizer"), when the engine measures them; device_time_s is their sum.
+    device_phase_s: dict[int, dict[str, float]] = field(default_factory=dict)

@@ -4,7 +4,7 @@ recovery on CUDA (marked ``gpu``, skipped without a device)."""
 from __future__ import annotations
 
 import copy
-from collections import deque, namedtuple
+from collections import namedtuple
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,10 +157,11 @@ def test_forward_times_each_device_between_scatter_and_gather(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The real DataParallel.forward flow with its CUDA steps stubbed: the weighted scatter
-    picks the devices, and each device's timing marks bracket only its replica's forward
-    (gather's cross-device copies make every device wait for the slowest)."""
+    picks the devices, each replica's forward is marked in the call that runs it (after
+    scatter and replicate, before gather: gather's cross-device copies make every device
+    wait for the slowest), and its backward by hooks."""
     rec = _Recorder()
-    monkeypatch.setattr("adaptive_nb.engine.dataparallel._torch_scatter", rec.scatter)
+    monkeypatch.setattr("adaptive_nb.engine.weighted._torch_scatter", rec.scatter)
     monkeypatch.setattr(nn.DataParallel, "replicate", rec.replicate)
     monkeypatch.setattr(nn.DataParallel, "parallel_apply", rec.parallel_apply)
     monkeypatch.setattr(nn.DataParallel, "gather", rec.gather)
@@ -170,29 +171,45 @@ def test_forward_times_each_device_between_scatter_and_gather(
     # what nn.DataParallel.__init__ sets up when CUDA is present
     dp.device_ids, dp.dim, dp.output_device = [0, 1, 2], 0, 0
     dp.src_device_obj = torch.device("cpu")
-    dp.on_forward = lambda ids, phase: rec.calls.append(f"{phase} {ids}")
+    dp.on_mark = lambda position, what: rec.calls.append(f"{what} {position}")
     x = torch.randn(10, 3)
 
     dp.set_plan([0.5, 0.0, 0.5])
     out = dp(x)
     torch.testing.assert_close(out, inner(x))
     assert rec.chunks[-1] == [5, 5]
-    assert rec.calls == ["replicate [0, 2]", "start [0, 2]", "apply", "end [0, 2]", "gather"]
+    assert rec.calls == [
+        "replicate [0, 2]",
+        "apply",
+        "forward_start 0",
+        "forward_end 0",
+        "forward_start 2",
+        "forward_end 2",
+        "gather",
+        "gathered 0",
+    ]
     assert dp.step_chunks == [5, 0, 5]
+    rec.calls.clear()
+    out.sum().backward()
+    assert sorted(rec.calls) == [
+        "backward_end 0",
+        "backward_end 2",
+        "backward_start 0",
+        "backward_start 2",
+    ]
+    dp.remove_hooks()
 
     rec.calls.clear()
     dp.set_plan([1.0, 0.0, 0.0])  # one device: the module is called directly
     torch.testing.assert_close(dp(x), inner(x))
-    assert rec.calls == ["start [0]", "end [0]"]
+    assert rec.calls == ["forward_start 0", "forward_end 0", "gathered 0"]
     assert dp.device_ids == [0]
+    dp.remove_hooks()
 
 
 def _cpu_engine(ids: Sequence[int]) -> DataParallelEngine:
-    engine = object.__new__(DataParallelEngine)  # the CUDA checks of __init__ skipped
-    engine.device_ids = list(ids)
-    engine._pending = deque()
-    engine._forward_events = []
-    return engine
+    # names given: the CUDA checks of __init__ are skipped (no clock needed here)
+    return DataParallelEngine(ids, names=[f"GPU {d}" for d in ids])
 
 
 def test_errors_of_the_users_code_are_not_device_failures() -> None:

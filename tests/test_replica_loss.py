@@ -71,7 +71,7 @@ def _stub_data_parallel(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
             return torch.stack(outputs)  # Gather's "scalars become a vector"
         return torch.cat(outputs)
 
-    monkeypatch.setattr("adaptive_nb.engine.dataparallel._torch_scatter", scatter)
+    monkeypatch.setattr("adaptive_nb.engine.weighted._torch_scatter", scatter)
     monkeypatch.setattr(nn.DataParallel, "replicate", lambda self, m, ids: [m for _ in ids])
     monkeypatch.setattr(
         nn.DataParallel,

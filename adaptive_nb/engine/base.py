@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,12 @@ class Engine(ABC):
         """Run ``step`` on the batch and ``backward()`` the loss (the gradient must equal
         the full-batch gradient). Must not call ``optimizer.step``. Raises
         :class:`OutOfMemory` / :class:`DeviceFailure` with no lasting effect on the model."""
+
+    def timed_update(self, update: Callable[[], object]) -> Callable[[], object]:
+        """``update`` (the optimizer step), possibly timed by the engine: the loop runs the
+        update through this so that an engine can charge its device time to the step.
+        Default: unchanged."""
+        return update
 
     def primary_device(self) -> torch.device:
         return torch.device("cpu")

@@ -355,7 +355,8 @@ class Run:
     def _apply_optimizer_step(self, update: Callable[[], object]) -> None:
         """Run the optimizer update (``optimizer.step`` or ``scaler.step``) exactly once
         (:func:`.attempt.apply_optimizer_step` recovers an out-of-memory where exact)."""
-        self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=update)
+        timed = self.engine.timed_update(update)  # the engine charges it to the primary
+        self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=timed)
 
     def _after_step(self) -> None:
         """Once per committed step: the callbacks, then an evaluation when one is due."""

@@ -1,0 +1,225 @@
+"""The DataParallel engine measures each device's forward *and* backward (no assumed
+backward/forward ratio), charges the loss and the optimizer update to the primary, and
+frees a failed attempt's tensors before emptying the cache. CPU: device events come from a
+fake clock with one timeline per device, advanced by layers that "take" a set time; the
+CUDA parts of ``nn.DataParallel.forward`` are stubbed."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_nb.engine.dataparallel import DataParallelEngine
+from adaptive_nb.errors import OutOfMemory
+from adaptive_nb.layout import Plan
+
+
+class DeviceClocks:
+    """One timeline per device; an event is (device, time) read when marked."""
+
+    def __init__(self) -> None:
+        self.now: dict[int, float] = {}
+        self.marks: list[tuple[int, float]] = []
+
+    def advance(self, device: int, seconds: float) -> None:
+        self.now[device] = self.now.get(device, 0.0) + seconds
+
+    def mark(self, device: int) -> Any:
+        event = (device, self.now.get(device, 0.0))
+        self.marks.append(event)
+        return event
+
+    def done(self, event: Any) -> bool:
+        return True
+
+    def seconds(self, start: Any, end: Any) -> float:
+        assert start[0] == end[0], "an interval must start and end on one device"
+        return float(end[1] - start[1])
+
+
+class Takes(torch.autograd.Function):
+    """Identity that advances ``device``'s clock by ``fwd`` in forward, ``bwd`` in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, clocks: DeviceClocks, device: int, fwd: float, bwd: float
+    ) -> torch.Tensor:
+        ctx.info = (clocks, device, bwd)
+        clocks.advance(device, fwd)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        clocks, device, bwd = ctx.info
+        clocks.advance(device, bwd)
+        return grad, None, None, None, None
+
+
+class TimedNet(nn.Module):
+    def __init__(self, clocks: DeviceClocks) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+        self.clocks = clocks
+        self.device = 0
+        self.fwd = 0.0
+        self.bwd = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Takes.apply(self.lin(x), self.clocks, self.device, self.fwd, self.bwd)
+
+
+FWD = {0: 0.010, 1: 0.010, 2: 0.005}
+BWD = {0: 0.020, 1: 0.200, 2: 0.010}  # device 1's backward is slow
+LOSS = (0.001, 0.002)  # the loss on the primary: forward, backward
+OPT = 0.004
+
+
+def _stub(monkeypatch: pytest.MonkeyPatch, clocks: DeviceClocks) -> None:
+    def scatter(
+        devices: Sequence[int], sizes: Sequence[int], dim: int, t: torch.Tensor
+    ) -> list[torch.Tensor]:
+        return list(torch.split(t, list(sizes), dim=dim))
+
+    def replicate(self: Any, module: TimedNet, ids: Sequence[int]) -> list[TimedNet]:
+        replicas = []
+        for d in ids:
+            r = copy.deepcopy(module)
+            r.clocks = clocks
+            r.device, r.fwd, r.bwd = d, FWD[d], BWD[d]
+            replicas.append(r)
+        return replicas
+
+    def parallel_apply(self: Any, replicas: Any, inputs: Any, kwargs: Any) -> list[Any]:
+        return [r(*i, **k) for r, i, k in zip(replicas, inputs, kwargs, strict=True)]
+
+    monkeypatch.setattr("adaptive_nb.engine.weighted._torch_scatter", scatter)
+    monkeypatch.setattr(nn.DataParallel, "replicate", replicate)
+    monkeypatch.setattr(nn.DataParallel, "parallel_apply", parallel_apply)
+    monkeypatch.setattr(nn.DataParallel, "gather", lambda self, outs, dev: torch.cat(outs))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 0)
+
+
+def _engine(clocks: DeviceClocks, shares: tuple[float, ...]) -> tuple[DataParallelEngine, Any]:
+    engine = DataParallelEngine(
+        [0, 1, 2], clock=clocks, names=["GPU 0", "GPU 1", "GPU 2"], min_chunk=1
+    )
+    model = TimedNet(clocks)
+    model.fwd, model.bwd = FWD[0], BWD[0]
+    wrapper = engine.wrap(model)
+    wrapper.device_ids, wrapper.dim, wrapper.output_device = [0, 1, 2], 0, 0  # as with CUDA
+    wrapper.src_device_obj = torch.device("cpu")
+    engine.apply_plan(Plan((0, 1, 2), shares, 1, 12))
+    return engine, wrapper
+
+
+def _loss(clocks: DeviceClocks) -> Any:
+    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        out = Takes.apply(model(x), clocks, 0, *LOSS)
+        return nn.functional.cross_entropy(out, y)
+
+    return step
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+
+def test_forward_and_backward_are_bracketed_per_device_and_a_slow_backward_shows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, _ = _engine(clocks, (0.5, 0.25, 0.25))
+    step, batch = _loss(clocks), _batch()
+    first = engine.forward_backward(step, batch)
+    assert first.device_time_s == {}  # warm-up: not measured
+    engine.forward_backward(step, batch)
+    update = engine.timed_update(lambda: clocks.advance(0, OPT))
+    update()  # the optimizer step of the second step, charged to its primary
+    out = engine.forward_backward(step, batch)  # reports the second step (read late)
+    phases = out.device_phase_s
+    assert set(phases) == {0, 1, 2}
+    for d in (0, 1, 2):
+        assert phases[d]["forward"] == pytest.approx(FWD[d])
+        assert phases[d]["backward"] == pytest.approx(BWD[d])
+    assert phases[0]["loss"] == pytest.approx(sum(LOSS))
+    assert phases[0]["optimizer"] == pytest.approx(OPT)
+    assert out.device_time_s[1] == pytest.approx(FWD[1] + BWD[1])  # measured, not 3 × forward
+    assert out.device_time_s[0] == pytest.approx(FWD[0] + BWD[0] + sum(LOSS) + OPT)
+    assert max(out.device_time_s, key=out.device_time_s.__getitem__) == 1
+    assert out.device_batch == {0: 6, 1: 3, 2: 3}
+
+
+def test_one_device_alone_is_timed_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, _ = _engine(clocks, (1.0, 0.0, 0.0))
+    step, batch = _loss(clocks), _batch()
+    for _ in range(3):
+        out = engine.forward_backward(step, batch)
+    assert out.device_phase_s[0]["forward"] == pytest.approx(FWD[0])
+    assert out.device_phase_s[0]["backward"] == pytest.approx(BWD[0])
+    assert out.device_phase_s[0]["loss"] == pytest.approx(sum(LOSS))
+    assert set(out.device_time_s) == {0}
+
+
+def test_micro_batches_add_up_their_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, _ = _engine(clocks, (0.5, 0.25, 0.25))
+    engine.apply_plan(Plan((0, 1, 2), (0.5, 0.25, 0.25), 2, 12))
+    step, batch = _loss(clocks), _batch()
+    for _ in range(3):
+        out = engine.forward_backward(step, batch)
+    assert out.micro_batches == 2
+    assert out.device_phase_s[1]["backward"] == pytest.approx(2 * BWD[1])
+
+
+def test_an_oom_in_the_loss_frees_the_attempt_before_emptying_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, _ = _engine(clocks, (0.5, 0.25, 0.25))
+    held: list[weakref.ref[torch.Tensor]] = []
+    alive_at_release: list[bool] = []
+
+    class _Device:
+        def __init__(self, index: int) -> None:
+            pass
+
+        def __enter__(self) -> None:
+            pass
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: alive_at_release.append(held[0]() is not None)
+    )
+
+    def greedy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out = model(batch[0])
+        workspace = torch.empty(1000)
+        held.append(weakref.ref(workspace))
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ... {out.shape}"
+        )
+
+    with pytest.raises(OutOfMemory) as err:
+        engine.forward_backward(greedy_loss, _batch())
+    assert err.value.device == 0
+    assert alive_at_release == [False, False, False]  # every device, after the tensors went
+    assert err.value.__traceback__ is not None and err.value.__cause__ is None
