@@ -99,12 +99,74 @@ class AdaptiveMagics(Magics):
     )
     @argument("--out", default="_adaptive", metavar="NAME", help="variable for the RunReport")
     @argument("--loss", default="loss", metavar="NAME", help="variable the body assigns")
+    @argument(
+        "--scheduler",
+        default=None,
+        metavar="NAME",
+        help="notebook variable: an LR scheduler of --optimizer, stepped once per applied step",
+    )
+    @argument(
+        "--scheduler-interval",
+        default=None,
+        metavar="WHEN",
+        help="step (after every optimizer step, default) | epoch (after every epoch)",
+    )
+    @argument(
+        "--scheduler-metric",
+        default=None,
+        metavar="NAME",
+        help="metric of --eval that a ReduceLROnPlateau --scheduler watches",
+    )
+    @argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        metavar="X",
+        help="clip the total gradient norm to X > 0 (a non-finite norm skips the step)",
+    )
+    @argument(
+        "--precision",
+        default="fp32",
+        metavar="P",
+        help="fp32 (default) | bf16 (autocast; CPU or GPU) | fp16 (autocast + GradScaler; GPU)",
+    )
+    @argument(
+        "--eval",
+        default=None,
+        metavar="NAME",
+        help="notebook function fn(model) -> {metric: number}, run every epoch in eval mode",
+    )
+    @argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run --eval every N optimizer steps instead of every epoch",
+    )
+    @argument(
+        "--callbacks",
+        default=None,
+        metavar="NAME",
+        help="notebook variable: object(s) with on_step_end / on_epoch_end / on_eval, "
+        "called once per applied step",
+    )
+    @argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one optimizer step per N batches of --data (gradient of their mean loss)",
+    )
     @cell_magic
     def adaptive_train(self, line: str, cell: str) -> RunReport | None:
         """Train a model with the cell body as the per-step code.
 
         The body sees the notebook's variables plus ``batch`` and ``model`` and must assign
         ``loss`` (a scalar tensor). The RunReport is shown and stored in ``--out``.
+
+        The body may run more than once per applied step (an out-of-memory retry re-runs
+        it; micro-batches and --accumulate run it per piece): put once-per-step side
+        effects in --callbacks, called exactly once per applied step.
 
         Example::
 
@@ -164,8 +226,28 @@ class AdaptiveMagics(Magics):
         model = self._lookup("model", args.model)
         optimizer = self._lookup("optimizer", args.optimizer)
         data = self._lookup("data", args.data)
+        extras = {
+            role: self._lookup(flag, name)
+            for role, flag, name in (
+                ("scheduler", "scheduler", args.scheduler),
+                ("evaluate", "eval", args.eval),
+                ("callbacks", "callbacks", args.callbacks),
+            )
+            if name is not None
+        }
         code = self._compile_body(cell)
         names = {"model": args.model, "optimizer": args.optimizer, "data": args.data}
+        names.update(
+            {
+                role: name
+                for role, name in (
+                    ("scheduler", args.scheduler),
+                    ("evaluate", args.eval),
+                    ("callbacks", args.callbacks),
+                )
+                if name is not None
+            }
+        )
         ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
         loss_name = args.loss
         missing = object()
@@ -204,6 +286,13 @@ class AdaptiveMagics(Magics):
             "control_interval": args.interval,
             "names": names,
             "loss_name": loss_name,
+            "scheduler_interval": args.scheduler_interval,
+            "scheduler_metric": args.scheduler_metric,
+            "clip_grad_norm": args.clip_grad_norm,
+            "precision": args.precision,
+            "eval_every": args.eval_every,
+            "accumulate": args.accumulate,
+            **extras,
         }
         if args.background:
             observers.append(_StoreReport(ns, args.out))

@@ -5,6 +5,7 @@ Dropout train again). Its time is kept out of the training throughput."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +21,21 @@ EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
 def check_evaluate(evaluate: Any, eval_every: Any, name: str = "evaluate") -> int | None:
     """Check ``evaluate`` / ``eval_every``; returns ``eval_every`` (None: every epoch)."""
-    if evaluate is not None and not callable(evaluate):
-        raise UsageError(
-            f"`{name}` is a {type(evaluate).__name__}, not a function: pass "
-            "evaluate=fn (--eval NAME) with fn(model) -> {'val_loss': …, …}."
-        )
+    if evaluate is not None:
+        if not callable(evaluate) or isinstance(evaluate, nn.Module):
+            raise UsageError(
+                f"`{name}` is a {type(evaluate).__name__}, not a function: pass "
+                "evaluate=fn (--eval NAME) with fn(model) -> {'val_loss': …, …}."
+            )
+        try:
+            inspect.signature(evaluate).bind(None)
+        except TypeError:
+            raise UsageError(
+                f"`{name}` cannot be called with the model alone: an evaluation function "
+                "takes one argument, e.g. `def evaluate(model): return {'val_loss': …}`."
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let the call tell
+            pass
     if eval_every is None:
         return None
     if evaluate is None:
