@@ -156,6 +156,13 @@ def test_cli_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert rec["oracle"]["method"].startswith("exact")
 
 
+def test_cli_can_simulate_the_estimated_backward(capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "benchmarks" / "scenarios" / "single_gpu.json"
+    assert main([str(path), "--json", "--backward-estimate", "2"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["engine_backward"] == "estimated as 2 x forward"
+
+
 def test_cli_markdown_names_the_oracle_method(capsys: pytest.CaptureFixture[str]) -> None:
     path = ROOT / "benchmarks" / "scenarios" / "single_gpu.json"
     assert main([str(path), "--markdown"]) == 0

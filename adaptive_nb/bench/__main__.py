@@ -49,6 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--events", action="store_true", help="print the adaptive run's events")
     ap.add_argument("--control-interval", type=float, default=2.0)
     ap.add_argument("--headroom", type=float, default=0.1)
+    ap.add_argument(
+        "--backward-estimate",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="simulate an engine that times forward and estimates backward as FACTOR x "
+        "forward (default: the real engine's own method)",
+    )
     args = ap.parse_args(argv)
     logger = logging.getLogger("adaptive_nb")
     level = logger.level
@@ -67,7 +75,12 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     results = []
     for sc in scenarios:
-        r = compare(sc, control_interval=args.control_interval, headroom=args.headroom)
+        r = compare(
+            sc,
+            control_interval=args.control_interval,
+            headroom=args.headroom,
+            backward_estimate=args.backward_estimate,
+        )
         events = r.pop("_events")
         results.append(r)
         if args.events:

@@ -18,7 +18,7 @@ from ..events import Event
 from ..plan.allocation import AllocationController
 from ..run.loop import Run
 from ..sim.engine import SimulatedEngine
-from ..sim.fleet import DeviceState, Fleet
+from ..sim.fleet import BACKWARD_FACTOR, DeviceState, Fleet
 from ..sim.nvml import SimSnapshots
 from ..sim.scenario import Scenario
 from ..step import StepFn, StepOutcome
@@ -111,13 +111,17 @@ def run_policy(
     control_interval: float = 2.0,
     headroom: float = 0.1,
     fail_on_fault: bool | None = None,
+    backward_estimate: float | None = None,
 ) -> PolicyResult:
     """``scenario`` under ``policy`` through :class:`~adaptive_nb.run.loop.Run`. The
     static baseline (plain DataParallel) fails at its first fault unless
-    ``fail_on_fault=False``."""
+    ``fail_on_fault=False``. ``backward_estimate``: simulate an engine that times forward
+    and estimates backward as that factor × forward (None: the real engine's method)."""
     if fail_on_fault is None:
         fail_on_fault = policy == "static"
     engine = _BenchEngine(scenario, fatal_faults=fail_on_fault)
+    if backward_estimate is not None:
+        engine.fleet.backward_factor = backward_estimate
     snaps = SimSnapshots(engine.fleet, real_host=False)
     ctl = AllocationController(
         engine,
@@ -203,15 +207,27 @@ def run_oracle(scenario: Scenario) -> PolicyResult:
     return res
 
 
+def _backward_method(estimate: float | None) -> str:
+    factor = BACKWARD_FACTOR if estimate is None else estimate
+    return "measured" if factor is None else f"estimated as {factor:g} x forward"
+
+
 def compare(
-    scenario: Scenario, *, control_interval: float = 2.0, headroom: float = 0.1
+    scenario: Scenario,
+    *,
+    control_interval: float = 2.0,
+    headroom: float = 0.1,
+    backward_estimate: float | None = None,
 ) -> dict[str, Any]:
     """Adaptive vs static vs oracle: the benchmark's JSON record for one scenario."""
     t = time.perf_counter()
-    adaptive = run_policy(
-        scenario, "adaptive", control_interval=control_interval, headroom=headroom
-    )
-    static = run_policy(scenario, "static", control_interval=control_interval, headroom=headroom)
+    opts: dict[str, Any] = {
+        "control_interval": control_interval,
+        "headroom": headroom,
+        "backward_estimate": backward_estimate,
+    }
+    adaptive = run_policy(scenario, "adaptive", **opts)
+    static = run_policy(scenario, "static", **opts)
     oracle = run_oracle(scenario)
     ratio_o = adaptive.samples_per_s / oracle.samples_per_s if oracle.samples_per_s else None
     # A failed static run is compared over the time it ran (the equal split's best case).
@@ -226,6 +242,7 @@ def compare(
         "ratio_vs_oracle": None if ratio_o is None else round(ratio_o, 4),
         "ratio_vs_static": None if ratio_s is None else round(ratio_s, 4),
         "static_window_s": round(static.virtual_s, 3) if static.failed else None,
+        "engine_backward": _backward_method(backward_estimate),
         "bench_wall_s": round(time.perf_counter() - t, 3),
         "_events": adaptive.events,
     }

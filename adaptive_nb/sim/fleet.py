@@ -13,10 +13,12 @@ external memory of all active events adds up). A failed device errors on every u
 state at the start of a step holds for the whole step.
 
 What the engine *reports* is what the real DataParallel engine would measure, by the same
-method: it times forward and estimates backward as ``BACKWARD_FACTOR × forward``, so the
-reported device time is ``forward_fraction · t · (1 + BACKWARD_FACTOR)`` (plus
-``primary_extra_ms``, as before v2). With the default forward fraction 1/3 and factor 2
-that is the true time; with another fraction the planner is fed the real engine's error.
+method. While that engine times forward and estimates backward as
+``BACKWARD_FACTOR × forward`` (the constant it exports), the reported device time is
+``forward_fraction · t · (1 + BACKWARD_FACTOR)`` (plus ``primary_extra_ms``, as before
+v2): with the default forward fraction 1/3 and factor 2 that is the true time, with
+another fraction the planner is fed the real engine's error. Once the engine measures
+backward (it no longer exports the constant) the report is the true time.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class Fleet:
         self.clock = clock or VirtualClock()
         self.rng = random.Random(scenario.seed)
         self.n = len(scenario.devices)
+        # how the engine measures backward (see the module docstring); the benchmark may
+        # set an estimate factor to simulate an engine that estimates it
+        self.backward_factor = BACKWARD_FACTOR
         self.busy: dict[int, float] = {}  # position -> busy fraction in the last step
         self.mem_mb: dict[int, float] = {}  # position -> this run's memory in the last step
         # (virtual time, busy, memory) after each step: what a lagging monitor looks back on
@@ -101,10 +106,11 @@ class Fleet:
 
     def reported_s(self, i: int, compute_ms: float, primary: bool) -> float:
         """What the engine reports for ``compute_ms`` of true compute (module docstring)."""
-        if BACKWARD_FACTOR is None:
+        factor = self.backward_factor
+        if factor is None:
             ms = compute_ms
         else:
-            ms = self.scenario.devices[i].forward_fraction * compute_ms * (1.0 + BACKWARD_FACTOR)
+            ms = self.scenario.devices[i].forward_fraction * compute_ms * (1.0 + factor)
         return (ms + (self.scenario.primary_extra_ms if primary else 0.0)) / 1000.0
 
     def comm_s(self, k: int) -> float:
