@@ -11,10 +11,6 @@ import contextlib
 import itertools
 import logging
 import math
-import statistics
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from ..errors import DeviceFailure, OutOfMemory
 from ..events import Event, EventKind
@@ -22,50 +18,18 @@ from ..layout import Plan, micro_batch_sizes
 from ..monitor.snapshot import GpuSample, Snapshot, SnapshotSource
 from ..policies import POLICIES
 from ..predict import Holt, MapeTracker, MemoryModel, StepTimeModel
+from ..predict.memory import ReserveSlack
 from ..step import StepOutcome
 from .base import Controller
+from .device_state import AllocatableEngine, DeviceState
+from .plan_edits import add_micro_batch, gain_text, same_layout, with_prediction
 from .planner import DeviceModel, Overhead, best_plan, evaluate, static_plan
+from .probe import Readmission, probe_plan
+from .static_compare import StaticComparison
 
 __all__ = ["AllocatableEngine", "AllocationController"]
 
 log = logging.getLogger(__name__)
-
-
-class AllocatableEngine(Protocol):
-    """What the controller needs from an engine (DataParallel or simulated)."""
-
-    def device_names(self) -> list[str]: ...
-
-    def monitor_keys(self) -> list[int | None]: ...
-
-    def apply_plan(self, plan: Plan) -> None: ...
-
-    @property
-    def last_batch(self) -> int:
-        """Samples in the batch of the latest (possibly failed) step; 0 before any."""
-        ...
-
-
-@dataclass
-class _Device:
-    position: int
-    name: str
-    key: int | None  # GpuSample.index that monitors it
-    time_model: StepTimeModel
-    enabled: bool = True
-    failed: bool = False
-    missing: bool = False
-    util: Holt = field(default_factory=lambda: Holt(0.5, 0.3, 0.0, 1.0, jump=0.3))
-    util_seen: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
-    ext_mem: Holt = field(default_factory=lambda: Holt(0.5, 0.3, 0.0, jump=1024.0))
-    total_mb: float | None = None
-    oom_cap: int | None = None
-    oom_avail_mb: float | None = None
-    history: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=64))
-    best: tuple[float, float] | None = None  # (alpha, beta) when fastest
-    dropped_reason: str | None = None
-    reprobe_at: float = math.inf
-    reprobe_backoff: float = 60.0
 
 
 class AllocationController(Controller):
@@ -103,15 +67,16 @@ class AllocationController(Controller):
         self.set_change_interval = float(set_change_interval)
         self.volatility_window = float(volatility_window)
         self.primary = primary
+        self._forgetting = forgetting
         names = engine.device_names()
         keys = engine.monitor_keys()
         self.devices = [
-            _Device(i, names[i], keys[i] if i < len(keys) else None, StepTimeModel(forgetting))
+            DeviceState(i, names[i], keys[i] if i < len(keys) else None, StepTimeModel(forgetting))
             for i in range(len(names))
         ]
         self.memory = MemoryModel()
-        self._slack_mb: deque[float] = deque(maxlen=64)  # reserved − allocated high-water
-        self._alloc_high: dict[int, float] = {}  # position -> highest peak allocated since
+        self.slack = ReserveSlack()
+        self.readmission = Readmission(len(self.devices))
         self.mape = MapeTracker()
         self._overhead_obs: dict[int, float] = {}
         self._batch = 0
@@ -124,10 +89,7 @@ class AllocationController(Controller):
         self.oom_recovered = 0
         self.failures = 0
         self.replans = 0
-        # the static split users have today, predicted with the same models at every re-plan
-        self._static_t: list[float] = []  # predicted step time of the equal split
-        self._chosen_t: list[float] = []  # predicted step time of the plan in force
-        self._static_oom = 0  # re-plans at which the equal split would not fit in memory
+        self.static = StaticComparison()  # the equal split users have today, predicted
         self._notices: list[Event] = []  # found while reading a snapshot, told at the tick
         self._unlisted_noted: set[int] = set()  # positions told about a PID namespace
         positions = [d.position for d in self.devices]
@@ -156,7 +118,11 @@ class AllocationController(Controller):
             b = outcome.device_batch.get(pos, 0) / m
             if b <= 0 or t <= 0 or not 0 <= pos < len(self.devices):
                 continue
-            self.devices[pos].time_model.update(b, t / m)
+            d = self.devices[pos]
+            if pos == self.readmission.active and d.best is not None:
+                self.readmission.record(t / m / (d.best[0] + d.best[1] * b))
+            else:
+                d.time_model.update(b, t / m)
             slowest = max(slowest, t / m)
             used += 1
         if used and outcome.wall_s > 0:
@@ -171,8 +137,9 @@ class AllocationController(Controller):
             b = outcome.device_batch.get(pos, 0) / m
             if b > 0:
                 self.memory.update(b, mb, pos == self.primary)
-                if outcome.peak_alloc_mb:
-                    self._note_slack(pos, mb, outcome)
+                reserved = outcome.reserved_mb.get(pos, outcome.peak_mem_mb.get(pos))
+                if outcome.peak_alloc_mb and reserved is not None:
+                    self.slack.update(pos, mb, reserved)
 
     # -- ticks ----------------------------------------------------------------------------
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
@@ -182,6 +149,8 @@ class AllocationController(Controller):
         self._notices.clear()
         ref = self._ref_batch()
         for d in self.devices:
+            if d.position == self.readmission.active:
+                continue
             if d.position in self.plan.devices and d.time_model.ready:
                 a, b = d.time_model.alpha, d.time_model.beta
                 d.history.append((now, a, b))
@@ -189,7 +158,12 @@ class AllocationController(Controller):
                     d.best = (a, b)
         if self._batch <= 0:
             return told
-        return told + self._replan(now, step, forced=False)
+        if self.readmission.active is not None:
+            return told + (self._end_probe(now, step) if self.readmission.ready(now) else [])
+        events = self._replan(now, step, forced=False)
+        if not any(e.kind in (EventKind.DEVICES, EventKind.DEVICE_READMITTED) for e in events):
+            events += self._start_probe(now, step)
+        return told + events
 
     def _read_snapshot(self, now: float, snapshot: Snapshot | None) -> None:
         if snapshot is None:
@@ -219,7 +193,7 @@ class AllocationController(Controller):
                 d.oom_cap = None  # memory was released since the OOM: lift the cap
                 d.oom_avail_mb = None
 
-    def _note_unlisted(self, d: _Device, g: GpuSample, now: float) -> None:
+    def _note_unlisted(self, d: DeviceState, g: GpuSample, now: float) -> None:
         """PID matching is only a cross-check of the allocator's count: say once per device
         when NVML attributes much less to our PID than we hold (a PID namespace)."""
         own = g.own_mem_mb
@@ -238,34 +212,20 @@ class AllocationController(Controller):
             )
 
     # -- models for the planner -----------------------------------------------------------
-    def _available_mb(self, d: _Device) -> float | None:
+    def _available_mb(self, d: DeviceState) -> float | None:
         """Memory this run may use on the device: total minus the external forecast."""
         if d.total_mb is None or d.ext_mem.level is None:
             return None
         ext = max(d.ext_mem.last or 0.0, d.ext_mem.forecast(2 * self.control_interval) or 0.0)
         return max(0.0, d.total_mb - ext)
 
-    def _note_slack(self, pos: int, alloc_mb: float, outcome: StepOutcome) -> None:
-        """Slack is reserved minus the *highest* allocation the cache has served on that
-        device: after a chunk shrinks the cache keeps the larger chunk's blocks, which the
-        next larger chunk reuses, so that part is not slack. A reserved figure below the
-        high-water mark means the cache was emptied: start the high-water mark again."""
-        reserved = outcome.reserved_mb.get(pos, outcome.peak_mem_mb.get(pos))
-        if reserved is None:
-            return
-        high = self._alloc_high.get(pos, 0.0)
-        high = alloc_mb if reserved < high else max(high, alloc_mb)
-        self._alloc_high[pos] = high
-        self._slack_mb.append(max(0.0, reserved - high))
-
     def reserve_margin_mb(self) -> float:
-        """Memory kept free beyond the modelled demand for the caching allocator's
-        rounding and fragmentation (reserved − allocated at the high-water mark, median of
-        recent steps); 0 until the engine reports allocator figures (the demand then is
-        the reserved peak itself, slack included)."""
-        return statistics.median(self._slack_mb) if self._slack_mb else 0.0
+        """Memory kept free beyond the modelled demand for the caching allocator's slack
+        (:class:`~adaptive_nb.predict.memory.ReserveSlack`); 0 until the engine reports
+        allocator figures (the demand then is the reserved peak, slack included)."""
+        return self.slack.margin_mb()
 
-    def _cap(self, d: _Device) -> int | None:
+    def _cap(self, d: DeviceState) -> int | None:
         cap = d.oom_cap
         avail = self._available_mb(d)
         if avail is not None and self.memory.ready:
@@ -278,7 +238,7 @@ class AllocationController(Controller):
         """A chunk size at which device speeds are compared (an equal share)."""
         return max(1.0, (self._batch or self.plan.batch or 1) / max(1, len(self.devices)))
 
-    def _volatile(self, d: _Device, now: float) -> bool:
+    def _volatile(self, d: DeviceState, now: float) -> bool:
         """Load that switches on and off: in the window, the speed (at the reference chunk)
         jumped up and down and up again (one job arriving and leaving is not volatile)."""
         ref = self._ref_batch()
@@ -289,7 +249,7 @@ class AllocationController(Controller):
         reversals = sum(1 for x, y in itertools.pairwise(signs) if x != y)
         return reversals >= 2
 
-    def _external_util(self, d: _Device, now: float) -> float | None:
+    def _external_util(self, d: DeviceState, now: float) -> float | None:
         """External load on a device: measured slowdown when in use, NVML when not."""
         if d.position in self.plan.devices:
             if d.best is None or not d.time_model.ready:
@@ -298,10 +258,13 @@ class AllocationController(Controller):
             return max(0.0, 1.0 - (d.best[0] + d.best[1] * ref) / d.time_model.predict(ref))
         return d.util.forecast(self.control_interval)
 
-    def _model(self, d: _Device, now: float) -> DeviceModel | None:
+    def _model(self, d: DeviceState, now: float) -> DeviceModel | None:
         cap = self._cap(d)
         tm = d.time_model
-        if d.position in self.plan.devices or d.best is None:
+        probing = d.position == self.readmission.active
+        if (d.position in self.plan.devices and not probing) or d.best is None:
+            if not tm.ready and d.seed is not None:  # back in after a probe: what it measured
+                return DeviceModel(d.position, *d.seed, cap)
             if not tm.ready:
                 ready = [x.time_model for x in self.devices if x.time_model.ready]
                 if not ready:
@@ -315,18 +278,19 @@ class AllocationController(Controller):
                 recent = [h for h in d.history if h[0] >= now - self.volatility_window]
                 _, a, b = max(recent, key=lambda h: h[1] + h[2] * ref)
             return DeviceModel(d.position, a, b, cap)
-        # Left out: what it would do now, from its unloaded speed and the load forecast.
+        # Left out (or on probe): its unloaded speed times the slowdown a probe measured;
+        # NVML's load forecast is the prior, and may only show the device freer than that.
         a, b = d.best
+        slow = self.readmission.measured(d.position)
         u = d.util.forecast(self.control_interval)
-        if u is None:
-            if now < d.reprobe_at:
-                a, b = tm.alpha, tm.beta
-            u = 0.0
-        else:
+        if u is not None:
             seen = [v for t, v in d.util_seen if t >= now - self.volatility_window]
             if len(seen) >= 3 and max(seen) - min(seen) > 0.3:
                 u = max(u, *seen)
-        slow = 1.0 / max(1e-3, 1.0 - min(u, 0.999))
+            prior = 1.0 / max(1e-3, 1.0 - min(u, 0.999))
+            slow = prior if slow is None else min(slow, prior)
+        if slow is None:  # no probe, no NVML: as last measured in use
+            a, b, slow = tm.alpha, tm.beta, 1.0
         return DeviceModel(d.position, a * slow, b * slow, cap)
 
     def _overhead(self) -> Overhead:
@@ -343,7 +307,7 @@ class AllocationController(Controller):
         return Overhead(base=per, per_device=per)
 
     # -- planning -------------------------------------------------------------------------
-    def _candidates(self) -> list[_Device]:
+    def _candidates(self) -> list[DeviceState]:
         return [d for d in self.devices if d.enabled and not d.failed]
 
     def _replan(self, now: float, step: int, *, forced: bool, cause: str = "") -> list[Event]:
@@ -365,14 +329,14 @@ class AllocationController(Controller):
             if new is None:
                 return []
             if len(usable) == len(cands):
-                new = _with_prediction(new, evaluate(new, usable, overhead))
+                new = with_prediction(new, evaluate(new, usable, overhead))
             self._predicted = new.predicted_step_s
-            if _same_layout(new, self.plan):
+            if same_layout(new, self.plan):
                 self.plan = new
                 return []
             return self._apply(new, now, step, cause or "equal split")
         ordered = sorted(usable, key=lambda m: (m.position != self.primary, m.position))
-        self._compare_with_static(ordered, n, batch, overhead)
+        self.static.record(self.plan, ordered, n, batch, overhead)
         in_use = [i for i, m in enumerate(ordered) if m.position in self.plan.devices]
         set_ok = forced or now - self._last_set_change >= self.set_change_interval
         if self.policy == "weights":
@@ -403,7 +367,7 @@ class AllocationController(Controller):
         new_t = new_plan.predicted_step_s or math.inf
         gain = 1.0 - new_t / current if current > 0 and not math.isinf(current) else 1.0
         if forced or math.isinf(current) or gain >= self.min_gain:
-            if _same_layout(new_plan, self.plan) and not forced:
+            if same_layout(new_plan, self.plan) and not forced:
                 self._predicted = current
                 return []
             return self._apply(new_plan, now, step, cause, old_t=current)
@@ -438,21 +402,27 @@ class AllocationController(Controller):
             d.dropped_reason = reason
             d.util = Holt(0.5, 0.3, 0.0, 1.0, jump=0.3)
             d.util_seen.clear()
-            d.reprobe_at = now + d.reprobe_backoff
-            d.reprobe_backoff = min(d.reprobe_backoff * 2, 3600.0)
+            self.readmission.dropped(pos, now)
             events.append(
                 Event(
-                    now, EventKind.DEVICES, f"{d.name} left out: {reason}{_gain(old_t, new)}", step
+                    now,
+                    EventKind.DEVICES,
+                    f"{d.name} left out: {reason}{gain_text(old_t, new)}",
+                    step,
                 )
             )
         for pos in sorted(new_set - old_set):
             d = self.devices[pos]
             u = d.util.forecast(self.control_interval)
             load = f"forecast external load {u:.0%}" if u is not None else "re-probing"
+            s = self.readmission.measured(pos)
+            if s is not None:
+                nvml = f" (NVML: {u:.0%} busy)" if u is not None else ""
+                load = f"probe measured {s:.2f}× its unloaded step time{nvml}"
             was = f" (was {d.dropped_reason})" if d.dropped_reason else ""
             kind = EventKind.DEVICE_READMITTED if d.dropped_reason else EventKind.DEVICES
             events.append(
-                Event(now, kind, f"{d.name} back in: {load}{was}{_gain(old_t, new)}", step)
+                Event(now, kind, f"{d.name} back in: {load}{was}{gain_text(old_t, new)}", step)
             )
             d.dropped_reason = None
         if old_set != new_set:
@@ -479,7 +449,7 @@ class AllocationController(Controller):
                     now,
                     EventKind.REALLOCATE,
                     f"{d.name}: {why} → share {old.shares[p]:.2f} → {new.shares[p]:.2f}"
-                    f"{_gain(old_t, new)}",
+                    f"{gain_text(old_t, new)}",
                     step,
                 )
             )
@@ -503,7 +473,7 @@ class AllocationController(Controller):
             except Exception as exc:  # a lost GPU cannot empty its cache: nothing to give
                 log.debug("releasing device %s failed: %s", pos, exc)
 
-    def _why(self, d: _Device, now: float, new: Plan) -> str:
+    def _why(self, d: DeviceState, now: float, new: Plan) -> str:
         cap = self._cap(d)
         if cap is not None and new.batch:
             size = micro_batch_sizes(new.batch, new.micro_batches)[0]
@@ -519,9 +489,86 @@ class AllocationController(Controller):
             return f"measured {1.0 / tm.beta:.0f} samples/s"
         return "re-balanced"
 
+    # -- readmission probes (policy: plan/probe.py) -------------------------------------
+    def _start_probe(self, now: float, step: int) -> list[Event]:
+        """Give the first left-out device whose probe is due a few samples of each step."""
+        if self.policy != "adaptive":
+            return []
+        k = self.readmission.samples(self.plan.batch, self.plan.micro_batches)
+        for d in self._candidates():
+            if d.position in self.plan.devices or d.best is None:
+                continue
+            if not self.readmission.due(d.position, now):
+                continue
+            u = d.util.forecast(self.control_interval)
+            if u is not None and u < 0.1:
+                continue  # NVML says idle: the planner already has its unloaded speed
+            cap = self._cap(d)
+            if cap is not None and cap < k:
+                continue  # no room for even the probe: memory frees first (see oom_cap)
+            self.readmission.start(d.position, now, self.plan)
+            self._use(probe_plan(self.plan, d.position, k), predicted=None)
+            nvml = f"NVML: {u:.0%} busy" if u is not None else "no NVML reading"
+            detail = f"{d.name}: probing with {k} samples per step ({nvml})"
+            return [Event(now, EventKind.NOTICE, detail, step)]
+        return []
+
+    def _end_probe(self, now: float, step: int) -> list[Event]:
+        """Keep the probed device when the plan with it, at its measured speed, beats the
+        best plan without it by ``min_gain``; otherwise restore the plan and back off."""
+        pos, slow, saved = self.readmission.finish()
+        self.plan = saved  # the probe was a trial: model the device as left out
+        d = self.devices[pos]
+        overhead = self._overhead()
+        cands = self._candidates()
+        models = [self._model(x, now) for x in cands]
+        ordered = sorted(
+            (m for m in models if m is not None),
+            key=lambda m: (m.position != self.primary, m.position),
+        )
+        without = [m for m in ordered if m.position != pos]
+        batch = self._batch
+        keep: Plan | None = None
+        old_t = evaluate(saved, without, overhead, batch)
+        if len(ordered) == len(cands):
+            best = best_plan(ordered, len(self.devices), batch, overhead, primary=self.primary)
+            rest = best_plan(without, len(self.devices), batch, overhead, primary=self.primary)
+            t_rest = math.inf if rest is None else (rest.predicted_step_s or math.inf)
+            if best is not None and pos in best.devices:
+                t_best = best.predicted_step_s or math.inf
+                if t_best <= (1.0 - self.min_gain) * min(t_rest, old_t):
+                    keep = best
+        if keep is not None:
+            self.readmission.won(pos)
+            m = next(x for x in ordered if x.position == pos)
+            d.time_model = StepTimeModel(self._forgetting)  # its old fit is the loaded one
+            d.seed = (m.alpha, m.beta)
+            return self._apply(keep, now, step, "probe", old_t=old_t)
+        wait = self.readmission.lost(pos, now)
+        self._use(saved, predicted=None if math.isinf(old_t) else old_t)
+        detail = (
+            f"{d.name}: probe measured {slow:.1f}× its unloaded step time; "
+            f"stays out, next probe in {wait:.0f} s"
+        )
+        return [Event(now, EventKind.NOTICE, detail, step)]
+
+    def _abort_probe(self, now: float) -> None:
+        """A fault or request during a probe: back to the plan before it, no verdict."""
+        saved = self.readmission.abort(now)
+        if saved is not None:
+            self._use(saved, predicted=None)
+
+    def _use(self, plan: Plan, predicted: float | None) -> None:
+        """Put a plan in force without a decision event (a probe starts or ends)."""
+        self.plan = plan
+        self._predicted = predicted
+        self.engine.apply_plan(plan)
+
     # -- faults ---------------------------------------------------------------------------
     def on_oom(self, error: OutOfMemory, now: float, step: int) -> list[Event]:
         self._oom_pending += 1
+        in_force = self.plan  # the chunk that failed may be a probe's
+        self._abort_probe(now)
         if self._batch <= 0:  # out of memory on the very first step
             self._batch = self.engine.last_batch or self.plan.batch
         if self.snapshots is not None:
@@ -530,15 +577,15 @@ class AllocationController(Controller):
         pos = error.device
         batch = self._batch or self.plan.batch
         if pos is None or not 0 <= pos < len(self.devices) or batch <= 0:
-            more = _add_micro_batch(self.plan, batch)
+            more = add_micro_batch(self.plan, batch)
             return [
                 *self._apply(more, now, step, "out of memory on an unknown device"),
                 Event(now, EventKind.OOM, "out of memory: one more micro-batch, retrying", step),
             ]
         d = self.devices[pos]
-        size = micro_batch_sizes(batch, self.plan.micro_batches)[0]
+        size = micro_batch_sizes(batch, in_force.micro_batches)[0]
         try:
-            b = self.plan.chunks(size)[pos]
+            b = in_force.chunks(size)[pos]
         except ValueError:
             b = 0
         cap = max(0, int(b * 0.9)) if b > 0 else 0
@@ -566,6 +613,7 @@ class AllocationController(Controller):
         pos = error.device
         if not 0 <= pos < len(self.devices):
             raise error
+        self._abort_probe(now)
         d = self.devices[pos]
         self.failures += 1
         if pos == self.primary:
@@ -589,11 +637,13 @@ class AllocationController(Controller):
     def set_policy(self, policy: str, now: float, step: int) -> list[Event]:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
+        self._abort_probe(now)
         self.policy = policy
         return self._replan(now, step, forced=True, cause=f"policy {policy}") if self._batch else []
 
     def set_headroom(self, headroom: float, now: float, step: int) -> list[Event]:
         self.headroom = float(headroom)
+        self._abort_probe(now)
         return (
             self._replan(now, step, forced=True, cause=f"headroom {headroom:.2f}")
             if self._batch
@@ -606,6 +656,7 @@ class AllocationController(Controller):
         if not 0 <= position < len(self.devices):
             return [Event(now, EventKind.NOTICE, f"no device at position {position}", step)]
         d = self.devices[position]
+        self._abort_probe(now)
         if position == self.primary and not enabled:
             return [
                 Event(
@@ -630,22 +681,6 @@ class AllocationController(Controller):
             return []
         return self._replan(now, step, forced=True, cause="requested")
 
-    def _compare_with_static(
-        self, ordered: list[DeviceModel], n: int, batch: int, overhead: Overhead
-    ) -> None:
-        """Predict what the equal split over every working device would take now."""
-        positions = [m.position for m in ordered]
-        equal = static_plan(positions, n, batch)  # no caps: plain DataParallel has none
-        if equal is None or equal.micro_batches != 1:
-            return
-        t_static = evaluate(equal, ordered, overhead, batch)
-        t_chosen = evaluate(self.plan, ordered, overhead, batch)
-        if math.isinf(t_static):
-            self._static_oom += 1
-        elif not math.isinf(t_chosen):
-            self._static_t.append(t_static)
-            self._chosen_t.append(t_chosen)
-
     # -- read-outs ------------------------------------------------------------------------
     def shares(self) -> dict[str, float]:
         return {d.name: float(self.plan.shares[d.position]) for d in self.devices if not d.failed}
@@ -664,51 +699,6 @@ class AllocationController(Controller):
             "devices_left_out": [
                 d.name for d in self.devices if d.position not in self.plan.devices and not d.failed
             ],
-            **self._static_summary(),
+            **self.readmission.summary(),
+            **self.static.summary(self._batch),
         }
-
-    def _static_summary(self) -> dict[str, object]:
-        out: dict[str, object] = {"static_split_would_oom_ticks": self._static_oom}
-        if self._static_t and self._batch:
-            static_s = sum(self._static_t) / len(self._static_t)
-            chosen_s = sum(self._chosen_t) / len(self._chosen_t)
-            out["static_samples_per_s_predicted"] = round(self._batch / static_s, 2)
-            out["speedup_vs_static_predicted"] = round(static_s / chosen_s, 3)
-        return out
-
-
-def _with_prediction(plan: Plan, t: float) -> Plan:
-    return Plan(
-        devices=plan.devices,
-        shares=plan.shares,
-        micro_batches=plan.micro_batches,
-        batch=plan.batch,
-        predicted_step_s=None if math.isinf(t) else t,
-        caps=plan.caps,
-    )
-
-
-def _same_layout(a: Plan, b: Plan) -> bool:
-    if a.devices != b.devices or a.micro_batches != b.micro_batches or a.batch != b.batch:
-        return False
-    try:
-        return a.chunks() == b.chunks()
-    except ValueError:
-        return False
-
-
-def _add_micro_batch(plan: Plan, batch: int) -> Plan:
-    return Plan(
-        devices=plan.devices,
-        shares=plan.shares,
-        micro_batches=min(max(batch, 1), plan.micro_batches + 1),
-        batch=batch,
-        predicted_step_s=None,
-        caps=plan.caps,
-    )
-
-
-def _gain(old_t: float | None, new: Plan) -> str:
-    if old_t is None or math.isinf(old_t) or not new.predicted_step_s:
-        return ""
-    return f" (predicted step {old_t:.3f} s → {new.predicted_step_s:.3f} s)"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from .rls import RegularizedRLS
 
-__all__ = ["MemoryModel"]
+__all__ = ["MemoryModel", "ReserveSlack"]
 
 
 class MemoryModel:
@@ -57,3 +60,27 @@ class MemoryModel:
         if available_mb <= fixed:
             return 0
         return int((available_mb - fixed) / per)
+
+
+class ReserveSlack:
+    """The CUDA caching allocator's slack beyond what a step allocates: rounding and
+    fragmentation, kept as a margin next to the memory model's demand (peak *allocated*).
+
+    Slack is reserved minus the *highest* allocation the cache has served on that device:
+    after a chunk shrinks the cache keeps the larger chunk's blocks, which the next larger
+    chunk reuses, so that part is not slack. A reserved figure below the high-water mark
+    means the cache was emptied: the high-water mark starts again. The margin is the
+    median over recent steps (0 before any)."""
+
+    def __init__(self, window: int = 64) -> None:
+        self._slack: deque[float] = deque(maxlen=window)
+        self._high: dict[int, float] = {}  # position -> highest peak allocated since
+
+    def update(self, pos: int, alloc_mb: float, reserved_mb: float) -> None:
+        high = self._high.get(pos, 0.0)
+        high = alloc_mb if reserved_mb < high else max(high, alloc_mb)
+        self._high[pos] = high
+        self._slack.append(max(0.0, reserved_mb - high))
+
+    def margin_mb(self) -> float:
+        return statistics.median(self._slack) if self._slack else 0.0
