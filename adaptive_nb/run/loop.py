@@ -18,17 +18,15 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..batches import batch_size_of, move_to
 from ..engine.base import Engine
 from ..errors import DeviceFailure, OutOfMemory, UsageError
-from ..events import Event, EventKind, Progress, RunInfo, TickRecord
+from ..events import Event, EventKind, RunInfo, TickRecord
 from ..monitor.snapshot import SnapshotSource
 from ..plan.base import Controller
 from ..plan.threads import ThreadController
@@ -40,12 +38,15 @@ from .attempt import (
     checked_step,
     forward_backward,
 )
+from .batching import batch_stream, next_group
 from .control import RunControl
 from .observers import Observer, SafeObservers
-from .records import run_summary, tick_record
+from .records import progress_of, record_tick, run_summary
 from .report import RunReport
 from .rollback import StepRollback
-from .training import Commit, Training, TrainingOptions
+from .step_hooks import after_epoch, after_step
+from .stepping import train_step
+from .training import Training, TrainingOptions
 
 __all__ = ["Run"]
 
@@ -64,16 +65,6 @@ _ALLOCATION_KINDS = frozenset(
         EventKind.MICROBATCH,
     }
 )
-
-
-@dataclass(frozen=True)
-class _EpochEnd:
-    """Marks, in the stream of batches, that epoch ``epoch`` (0-based) went through."""
-
-    epoch: int
-
-
-_DONE = object()
 
 
 class Run:
@@ -231,31 +222,6 @@ class Run:
     def _observer_failed(self, detail: str) -> None:
         self.events.append(Event(round(self._now(), 3), EventKind.NOTICE, detail, self.step))
 
-    def _batches(self) -> Iterator[Any]:
-        epoch = 0
-        while self.epochs is None or epoch < self.epochs:
-            got = False
-            for batch in self.data:
-                if not got:
-                    got = True
-                    self.epoch = epoch
-                    self._epochs_started = epoch + 1
-                yield batch
-            if got:
-                yield _EpochEnd(epoch)
-            if not got:
-                if self.step == 0:
-                    raise UsageError(
-                        f"`{self.data_name}` produced no batches: is the dataset empty, or an "
-                        "iterator that was already used up? Re-create it and run again."
-                    )
-                self._event(
-                    EventKind.NOTICE,
-                    f"`{self.data_name}` ran out after {self.step} steps (a one-shot iterator?)",
-                )
-                return
-            epoch += 1
-
     def _apply_requests(self) -> None:
         req = self.control.take()
         if req.empty():
@@ -283,25 +249,6 @@ class Run:
         if req.stop:
             self._event(EventKind.STOP, f"stop requested: stopping after step {step}")
 
-    def _progress(self, paused: bool = False) -> Progress:
-        total = self.info.total_steps
-        eta = None
-        if total is not None and self._step_s > 0:
-            eta = max(0, total - self.step) * self._step_s
-        loss = float(self._last_loss) if self._last_loss is not None else None
-        return Progress(
-            step=self.step,
-            total_steps=total,
-            epoch=self.epoch,
-            samples=self.samples,
-            elapsed_s=self._now(),
-            samples_per_s=self._rate,
-            eta_s=eta,
-            loss=loss,
-            paused=paused,
-            lr=float(self.optimizer.param_groups[0]["lr"]) if self.optimizer.param_groups else None,
-        )
-
     def _forward_backward(self, batch: Any) -> StepOutcome:
         """Forward + backward of one batch (retried by :func:`.attempt.forward_backward`).
         An out-of-memory counts as recovered only once the batch went through."""
@@ -318,76 +265,11 @@ class Run:
         self.oom_recovered += ooms
         return outcome
 
-    def _next_group(self, batches: Iterator[Any]) -> tuple[list[Any], _EpochEnd | None, bool]:
-        """The loader batches of the next optimizer step (``accumulate`` of them, fewer at
-        the end of an epoch), the end of epoch that followed them, and whether the data
-        ran out."""
-        group: list[Any] = []
-        while len(group) < self.training.accumulate:
-            item = next(batches, _DONE)
-            if item is _DONE:
-                return group, None, True
-            if isinstance(item, _EpochEnd):
-                return group, item, False
-            group.append(item)
-        return group, None, False
-
-    def _train_step(
-        self, group: list[Any], primary: torch.device
-    ) -> tuple[list[StepOutcome], Commit]:
-        """Forward/backward of each batch of the step, then the step applied once."""
-        training = self.training
-        outcomes: list[StepOutcome] = []
-        sizes = [batch_size_of(b) for b in group] if len(group) > 1 else [1]
-        total = sum(sizes)
-        for batch, n in zip(group, sizes, strict=True):
-            if training.accumulate > 1:
-                training.set_weight(n / total if total > 0 else 1.0 / len(group))
-            outcomes.append(self._forward_backward(move_to(batch, primary)))
-            training.after_batch()
-        self._in_optimizer_step = True  # a second Ctrl-C waits until it is counted
-        commit = training.commit(self._apply_optimizer_step)
-        self.step += 1
-        self.samples += sum(o.samples for o in outcomes)
-        self._in_optimizer_step = False
-        return outcomes, commit
-
     def _apply_optimizer_step(self, update: Callable[[], object]) -> None:
         """Run the optimizer update (``optimizer.step`` or ``scaler.step``) exactly once
         (:func:`.attempt.apply_optimizer_step` recovers an out-of-memory where exact)."""
         timed = self.engine.timed_update(update)  # the engine charges it to the primary
         self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=timed)
-
-    def _after_step(self) -> None:
-        """Once per committed step: the callbacks, then an evaluation when one is due."""
-        training = self.training
-        if training.callbacks.items:
-            loss = float(self._last_loss) if self._last_loss is not None else None
-            training.callbacks.step_end(self.step, loss, training.history)
-        if training.evaluator.due_after_step(self.step):
-            self._evaluate()
-
-    def _after_epoch(self, epoch: int) -> None:
-        training = self.training
-        if training.evaluator.due_after_epoch():
-            self._evaluate()
-        training.schedule.after_epoch()
-        training.callbacks.epoch_end(epoch, training.history)
-
-    def _evaluate(self) -> None:
-        """The user's evaluation (eval mode, no grad; train mode again after), timed apart
-        from training, recorded, announced, then the plateau scheduler and ``on_eval``."""
-        training = self.training
-        t0, real0 = self._now(), time.perf_counter()
-        metrics = training.evaluator.run(self.model)
-        self._eval_s += self._now() - t0
-        self._eval_real_s += time.perf_counter() - real0
-        training.history.eval_s = self._eval_s
-        training.history.record_eval(self.step, self.epoch, metrics)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self._event(EventKind.EVAL, f"{training.evaluator.name} after step {self.step}: {shown}")
-        training.schedule.after_eval(metrics, training.evaluator.name)
-        training.callbacks.eval(metrics)
 
     def _on_oom(self, err: OutOfMemory) -> Sequence[Event]:
         events = self.controller.on_oom(err, self._now(), self.step)
@@ -399,31 +281,6 @@ class Run:
         events = self.controller.on_device_failure(err, self._now(), self.step)
         self._decision(events)
         return events
-
-    def _tick(self) -> None:
-        now = self._now()
-        snap = self.snapshots.latest() if self.snapshots is not None else None
-        self._decision(self.controller.tick(now, self.step, snap))
-        rec = tick_record(
-            now,
-            self.step,
-            snap,
-            names=self.engine.device_names(),
-            monitor_keys=self.engine.monitor_keys(),
-            shares=self.controller.shares(),
-            samples_per_s=self._rate,
-            loss=float(self._last_loss) if self._last_loss is not None else None,
-            threads=self.controller.threads(),
-            predicted_step_s=self.controller.predicted_step_s(),
-            measured_step_s=self._step_s or None,
-        )
-        for name, u in rec.util_pct.items():
-            self._util.setdefault(name, []).append(u)
-            self._peak_mem[name] = max(
-                self._peak_mem.get(name, 0.0), rec.mem_used_mb.get(name, 0.0)
-            )
-        self.timeline.append(rec)
-        self._observers.call("on_tick", rec)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._interrupts += 1
@@ -487,13 +344,13 @@ class Run:
         next_progress = 0.0
         last_t = self._now()
         clock = time.perf_counter
-        batches = self._batches()
+        batches = batch_stream(self)
         try:
             self._apply_requests()
             while True:
                 own0 = clock()
                 if self.control.paused and not self.control.stopped:
-                    self._observers.call("on_progress", self._progress(paused=True))
+                    self._observers.call("on_progress", progress_of(self, paused=True))
                     pause0, pause0_real = self._now(), clock()
                     while self.control.paused and not self.control.stopped:
                         self.control.wait_while_paused(0.1)
@@ -508,9 +365,9 @@ class Run:
                 if self.steps is not None and self.step >= self.steps:
                     break
                 self._own_s += clock() - own0  # data loading below is not our overhead
-                group, epoch_end, exhausted = self._next_group(batches)
+                group, epoch_end, exhausted = next_group(batches, self.training.accumulate)
                 if group:
-                    outcomes, commit = self._train_step(group, primary)
+                    outcomes, commit = train_step(self, group, primary)
                     own0 = clock()
                     samples = sum(o.samples for o in outcomes)
                     self._last_loss = self.training.report_loss([o.loss for o in outcomes])
@@ -526,17 +383,17 @@ class Run:
                     self._rate = (1 - a) * self._rate + a * (samples / dt)
                     if now >= next_tick:
                         next_tick = now + interval
-                        self._tick()
+                        record_tick(self)
                     if self._observers:
                         real = time.monotonic()
                         if real >= next_progress:
                             next_progress = real + 1.0 / PROGRESS_HZ
-                            self._observers.call("on_progress", self._progress())
+                            self._observers.call("on_progress", progress_of(self))
                     self._apply_requests()
                     self._own_s += clock() - own0
-                    self._after_step()  # the user's callbacks and evaluation: not overhead
+                    after_step(self)  # the user's callbacks and evaluation: not overhead
                 if epoch_end is not None:
-                    self._after_epoch(epoch_end.epoch)
+                    after_epoch(self, epoch_end.epoch)
                 if group or epoch_end is not None:
                     last_t = self._now()  # evaluation and callbacks are not step time
                 if exhausted:
@@ -573,7 +430,7 @@ class Run:
                 EventKind.ERROR, f"{type(error).__name__}: {error} (after step {self.step})"
             )
         try:
-            self._tick()
+            record_tick(self)
         except Exception as exc:  # a final tick must not hide the real outcome
             log.debug("final tick failed: %s", exc)
         self._event(EventKind.END, f"{self.ended} after {self.step} steps")
@@ -595,6 +452,6 @@ class Run:
             grad_norm=list(history.grad_norm),
             evaluations=[dict(e) for e in history.evaluations],
         )
-        self._observers.call("on_progress", self._progress())
+        self._observers.call("on_progress", progress_of(self))
         self._observers.call("on_end", self.report)
         return self.report

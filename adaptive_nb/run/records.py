@@ -7,13 +7,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..events import TickRecord
+from ..events import Progress, TickRecord
 from ..monitor.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .loop import Run
 
-__all__ = ["run_summary", "tick_record", "utilisation_summary"]
+__all__ = [
+    "progress_of",
+    "record_tick",
+    "run_summary",
+    "tick_record",
+    "utilisation_summary",
+]
 
 
 def tick_record(
@@ -115,3 +121,50 @@ def run_summary(run: Run, *, wall_s: float, real_wall_s: float) -> dict[str, Any
         else None,
         "utilisation": utilisation_summary(run._util, run._peak_mem),
     }
+
+
+def record_tick(run: Run) -> None:
+    """A control tick: the controller decides on the latest snapshot, and the tick's
+    record goes to the timeline, the utilisation summary and the observers."""
+    now = run._now()
+    snap = run.snapshots.latest() if run.snapshots is not None else None
+    run._decision(run.controller.tick(now, run.step, snap))
+    rec = tick_record(
+        now,
+        run.step,
+        snap,
+        names=run.engine.device_names(),
+        monitor_keys=run.engine.monitor_keys(),
+        shares=run.controller.shares(),
+        samples_per_s=run._rate,
+        loss=float(run._last_loss) if run._last_loss is not None else None,
+        threads=run.controller.threads(),
+        predicted_step_s=run.controller.predicted_step_s(),
+        measured_step_s=run._step_s or None,
+    )
+    for name, u in rec.util_pct.items():
+        run._util.setdefault(name, []).append(u)
+        run._peak_mem[name] = max(run._peak_mem.get(name, 0.0), rec.mem_used_mb.get(name, 0.0))
+    run.timeline.append(rec)
+    run._observers.call("on_tick", rec)
+
+
+def progress_of(run: Run, paused: bool = False) -> Progress:
+    """The run's progress now (for the observers)."""
+    total = run.info.total_steps
+    eta = None
+    if total is not None and run._step_s > 0:
+        eta = max(0, total - run.step) * run._step_s
+    groups = run.optimizer.param_groups
+    return Progress(
+        step=run.step,
+        total_steps=total,
+        epoch=run.epoch,
+        samples=run.samples,
+        elapsed_s=run._now(),
+        samples_per_s=run._rate,
+        eta_s=eta,
+        loss=float(run._last_loss) if run._last_loss is not None else None,
+        paused=paused,
+        lr=float(groups[0]["lr"]) if groups else None,
+    )
