@@ -197,6 +197,10 @@ def test_engine_reports_what_the_real_engine_measures(
     factor = 1.0 if backward_factor is None else f * (1 + backward_factor)
     assert out.device_time_s[0] == pytest.approx((factor * true_compute + 5) / 1000)
     assert out.wall_s == pytest.approx((true_compute + 5 + 2 + 3) / 1000)
+    phases = out.device_phase_s[0]
+    assert phases["forward"] == pytest.approx(f * true_compute / 1000)
+    assert phases["loss"] == pytest.approx(5 / 1000)
+    assert sum(phases.values()) == pytest.approx(out.device_time_s[0])
     if fraction is None:  # the default reproduces the true time, as before v2
         assert out.device_time_s[0] == pytest.approx((true_compute + 5) / 1000)
 

@@ -114,6 +114,7 @@ class SimulatedEngine(Engine):
             device_batch=sim.device_batch,
             peak_mem_mb=sim.peak_mem_mb,
             micro_batches=sim.micro_batches,
+            device_phase_s=sim.phase_s,
         )
 
 

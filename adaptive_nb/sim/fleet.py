@@ -60,6 +60,7 @@ class FleetStep:
     fault: OutOfMemory | DeviceFailure | None = None
     fault_micro: int = -1
     true_time_s: dict[int, float] = field(default_factory=dict)
+    phase_s: dict[int, dict[str, float]] = field(default_factory=dict)  # as reported
 
 
 class Fleet:
@@ -104,14 +105,22 @@ class Fleet:
             ms *= max(0.2, 1.0 + self.rng.gauss(0.0, self.scenario.noise))
         return ms
 
-    def reported_s(self, i: int, compute_ms: float, primary: bool) -> float:
-        """What the engine reports for ``compute_ms`` of true compute (module docstring)."""
+    def reported_phases(self, i: int, compute_ms: float, primary: bool) -> dict[str, float]:
+        """Seconds per phase the engine reports for ``compute_ms`` of true compute: forward
+        timed; backward measured, or estimated as the factor × forward; on the primary
+        ``primary_extra_ms`` as the loss (gather → backward), where the real engine
+        charges it. Their sum is the reported device time (module docstring)."""
+        forward = self.scenario.devices[i].forward_fraction * compute_ms
         factor = self.backward_factor
-        if factor is None:
-            ms = compute_ms
-        else:
-            ms = self.scenario.devices[i].forward_fraction * compute_ms * (1.0 + factor)
-        return (ms + (self.scenario.primary_extra_ms if primary else 0.0)) / 1000.0
+        backward = compute_ms - forward if factor is None else factor * forward
+        out = {"forward": forward / 1000.0, "backward": backward / 1000.0}
+        if primary and self.scenario.primary_extra_ms > 0:
+            out["loss"] = self.scenario.primary_extra_ms / 1000.0
+        return out
+
+    def reported_s(self, i: int, compute_ms: float, primary: bool) -> float:
+        """What the engine reports as the device's time (the sum of its phases)."""
+        return sum(self.reported_phases(i, compute_ms, primary).values())
 
     def comm_s(self, k: int) -> float:
         c = self.scenario.comm
@@ -180,8 +189,10 @@ class Fleet:
                     self.mem_mb = {}  # the engine frees its cached blocks after an OOM
                     return out
             for i in used:
-                reported = self.reported_s(i, compute[i], i == primary)
-                out.device_time_s[i] = out.device_time_s.get(i, 0.0) + reported
+                phases = out.phase_s.setdefault(i, {})
+                for name, sec in self.reported_phases(i, compute[i], i == primary).items():
+                    phases[name] = phases.get(name, 0.0) + sec
+                out.device_time_s[i] = sum(phases.values())
                 out.true_time_s[i] = out.true_time_s.get(i, 0.0) + times[i]
                 out.device_batch[i] = out.device_batch.get(i, 0) + chunks[i]
                 mb = 1024.0 * self.need_gb(chunks[i], i == primary)
