@@ -87,3 +87,37 @@ def test_report_compares_with_the_static_split(tmp_path: Path) -> None:
     # an equal split waits for the slowest GPU; the weighted split does not
     assert mixed.summary["speedup_vs_static_predicted"] > 1.3
     assert "Speed-up vs static split (predicted)" in mixed._repr_html_()
+
+
+def test_v2_fleet_trains_for_real_through_a_lagging_monitor(tmp_path: Path) -> None:
+    """Curves, a slowdown NVML does not show and a memory burst the monitor reports 2 s
+    late: real compute on the CPU, the out-of-memory retried, no step lost."""
+    curve = [[1, 10.0], [8, 20.0], [64, 90.0]]
+    spec = {
+        "name": "loop_v2",
+        "global_batch": 16,
+        "steps": 200,
+        "seed": 3,
+        "noise": 0.02,
+        "monitor_lag_s": 2.0,
+        "devices": [
+            {"name": "curved", "memory_gb": 4, "curve": curve, "forward_fraction": 0.25},
+            {"name": "curved", "memory_gb": 4, "curve": curve},
+        ],
+        "job": {"mem_base_gb": 1.0, "mem_per_sample_gb": 0.2},
+        "events": [
+            {"at_s": 0.1, "device": 1, "external_util": 0.1, "slowdown": 1.8},
+            {"at_s": 0.2, "until_s": 1.0, "device": 0, "external_mem_gb": 1.5},
+        ],
+    }
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(spec))
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = adaptive_nb.train(
+        ce_step, model=model, optimizer=opt, data=make_data(), steps=40, devices=f"sim:{path}"
+    )
+    assert report.info.simulated and report.summary["steps"] == 40
+    assert report.summary["ended"] == "completed"
+    assert report.summary["oom_recovered"] >= 1
+    assert any(e.kind == EventKind.OOM for e in report.events)
