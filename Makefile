@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint lab browser-deps bench clean
+.PHONY: setup demo test lint lab browser-deps bench clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,20 @@ lab: setup
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+
+# GPU correctness check for a machine with its own Python and a CUDA build of torch (no
+# Jupyter packages, no registry): installs nothing, puts the repo on PYTHONPATH, runs every
+# gpu-marked test and benchmarks/gpu_check.py; results in $(GPU_CHECK_OUT). Without CUDA it
+# reports "no CUDA device: skipped" and exits 0.  make gpu-check PYTHON=/path/to/python
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_TESTS ?= $(sort $(shell grep -l 'pytest.mark.gpu' tests/test_*.py))
+gpu-check:
+	@mkdir -p $(GPU_CHECK_OUT)
+	@rm -f $(GPU_CHECK_OUT)/pytest.xml
+	-PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" timeout 180 $(PYTHON) -m pytest -m gpu \
+	  -rs -p no:cacheprovider --junitxml=$(GPU_CHECK_OUT)/pytest.xml $(GPU_TESTS)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" timeout 280 $(PYTHON) \
+	  benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --junit $(GPU_CHECK_OUT)/pytest.xml
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache
