@@ -58,6 +58,17 @@ def test_allocator_count_excludes_our_memory_from_external() -> None:
     assert s1.external_mem_mb == OURS_MB + THEIRS_MB - 500.0
 
 
+def test_sample_dict_carries_both_counts() -> None:
+    sampler = GpuSampler(FakeNvml(containerised_fleet()), pid=ME, cuda_visible_devices=None)
+    sampler.set_own_memory_reader(reader({0: OURS_MB, 1: OURS_MB}))
+    d = sampler.sample()[0][0].to_dict()
+    assert (d["own_mem_mb"], d["self_mem_mb"], d["external_mem_mb"]) == (
+        OURS_MB,
+        OURS_MB,
+        THEIRS_MB,
+    )
+
+
 def test_pid_match_wins_when_it_sees_more_than_the_allocator() -> None:
     gpus = containerised_fleet()[:1]
     gpus[0].processes = [(ME, 3000.0), (CO_TENANT, THEIRS_MB)]  # e.g. non-torch allocations

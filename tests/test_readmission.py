@@ -186,3 +186,25 @@ def test_probe_plan_adds_a_capped_small_chunk() -> None:
     assert p.devices == (0, 1, 2) and p.chunks() == [118, 117, 5]
     r = Readmission(3, fraction=0.02, min_samples=2)
     assert r.samples(BATCH, 1) == 5 and r.samples(40, 1) == 2
+
+
+def test_back_off_doubles_on_lost_probes_and_on_a_drop_after_a_won_one() -> None:
+    r = Readmission(2, first=60.0, max_backoff=900.0)
+    saved = Plan(devices=(0,), shares=(1.0, 0.0), micro_batches=1, batch=BATCH)
+    r.dropped(1, 0.0)
+    assert not r.due(1, 59.0) and r.due(1, 60.0)
+    r.start(1, 60.0, saved)
+    assert r.active == 1 and not r.due(1, 1e9)  # one probe at a time
+    assert not r.ready(62.0)  # nothing measured yet
+    r.record(5.0)
+    r.record(4.0)
+    assert r.ready(62.0)
+    assert r.finish() == (1, 4.0, saved)  # the first (cold) step left out
+    assert r.lost(1, 62.0) == 120.0 and r.due(1, 182.0) and not r.due(1, 181.0)
+    r.won(1)  # a later probe let it back in ...
+    r.dropped(1, 300.0)  # ... and in use it did not hold its share: back off further
+    assert not r.due(1, 539.0) and r.due(1, 540.0)
+    for _ in range(10):
+        r.lost(1, 0.0)
+    assert r.lost(1, 0.0) == 900.0  # capped
+    assert r.summary() == {"readmission_probes": 1, "readmission_probes_won": 1}

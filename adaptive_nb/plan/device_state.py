@@ -13,7 +13,12 @@ __all__ = ["AllocatableEngine", "DeviceState"]
 
 
 class AllocatableEngine(Protocol):
-    """What the controller needs from an engine (DataParallel or simulated)."""
+    """What the controller needs from an engine (DataParallel or simulated).
+
+    Optional: ``release_device(position)``, called after a plan stops using a device (left
+    out or failed) so the engine gives that device's cached memory back (CUDA:
+    ``torch.cuda.empty_cache()`` under ``torch.cuda.device``); engines without it are fine.
+    """
 
     def device_names(self) -> list[str]: ...
 

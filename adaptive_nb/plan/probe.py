@@ -11,7 +11,11 @@ its measured time, relative to its unloaded speed, replaces the prior.
 Cost is bounded: a probe lasts one control interval (plus the step in flight) with a
 small chunk (``fraction`` of a micro-batch, at least ``min_samples``), and probes of a
 device that keeps losing are spaced by exponential back-off (``first`` seconds after the
-device left, doubling up to ``max_backoff``).
+device left, doubling up to ``max_backoff``: at the default 2 s control interval a probe
+costs at most 2 s of slower steps per 15 minutes once backed off). A device a probe let
+back in that is dropped again also doubles its back-off: the small probe chunk can
+look better than the device does at a full share (a bandwidth-bound co-tenant), and
+that must not turn into a drop/readmit cycle.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class _State:
     backoff: float
     next_at: float = math.inf
     measured: float | None = None  # slowdown the last finished probe measured
+    back_by_probe: bool = False  # in the plan because a probe won
     probes: int = 0
     won: int = 0
 
@@ -50,7 +55,7 @@ class Readmission:
         n: int,
         *,
         first: float = 60.0,
-        max_backoff: float = 3600.0,
+        max_backoff: float = 900.0,
         fraction: float = 0.02,
         min_samples: int = 2,
     ) -> None:
@@ -69,6 +74,9 @@ class Readmission:
     def dropped(self, pos: int, now: float) -> None:
         """The device left the plan: first probe after the current back-off."""
         st = self._states[pos]
+        if st.back_by_probe:  # the probe misled: the device did not hold its share
+            st.backoff = min(2.0 * st.backoff, self.max_backoff)
+            st.back_by_probe = False
         st.next_at = now + st.backoff
         st.measured = None
 
@@ -124,7 +132,7 @@ class Readmission:
     def won(self, pos: int) -> None:
         st = self._states[pos]
         st.won += 1
-        st.backoff = self.first
+        st.back_by_probe = True
         st.next_at = math.inf
 
     def measured(self, pos: int) -> float | None:
