@@ -6,8 +6,8 @@ CUDA parts of ``nn.DataParallel.forward`` are stubbed."""
 
 from __future__ import annotations
 
-import copy
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +81,22 @@ LOSS = (0.001, 0.002)  # the loss on the primary: forward, backward
 OPT = 0.004
 
 
+def cpu_replicate(module: Any) -> Any:
+    """What ``torch.nn.parallel.replicate`` makes, on the CPU: a replica whose
+    ``_parameters`` is empty and whose parameters are non-leaf copies (their gradients flow
+    back to the module's) kept in ``_former_parameters``."""
+    replica = module._replicate_for_data_parallel()
+    replica._former_parameters = OrderedDict()
+    for key, param in module._parameters.items():
+        if param is not None:
+            view = param.view_as(param)
+            setattr(replica, key, view)
+            replica._former_parameters[key] = view
+    for name, child in module._modules.items():
+        replica._modules[name] = cpu_replicate(child)
+    return replica
+
+
 def _stub(monkeypatch: pytest.MonkeyPatch, clocks: DeviceClocks) -> None:
     def scatter(
         devices: Sequence[int], sizes: Sequence[int], dim: int, t: torch.Tensor
@@ -90,8 +106,7 @@ def _stub(monkeypatch: pytest.MonkeyPatch, clocks: DeviceClocks) -> None:
     def replicate(self: Any, module: TimedNet, ids: Sequence[int]) -> list[TimedNet]:
         replicas = []
         for d in ids:
-            r = copy.deepcopy(module)
-            r.clocks = clocks
+            r = cpu_replicate(module)
             r.device, r.fwd, r.bwd = d, FWD[d], BWD[d]
             replicas.append(r)
         return replicas
@@ -159,6 +174,22 @@ def test_forward_and_backward_are_bracketed_per_device_and_a_slow_backward_shows
     assert out.device_time_s[0] == pytest.approx(FWD[0] + BWD[0] + sum(LOSS) + OPT)
     assert max(out.device_time_s, key=out.device_time_s.__getitem__) == 1
     assert out.device_batch == {0: 6, 1: 3, 2: 3}
+
+
+def test_replicas_like_torch_replicate_still_give_the_full_batch_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, wrapper = _engine(clocks, (0.5, 0.25, 0.25))
+    step, batch = _loss(clocks), _batch()
+    reference = TimedNet(DeviceClocks())
+    step(reference, batch).backward()
+    engine.forward_backward(step, batch)
+    for a, b in zip(wrapper.module.parameters(), reference.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad)
+    assert wrapper.hook_handles == []  # hooks removed after the step
 
 
 def test_one_device_alone_is_timed_too(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,10 +131,25 @@ def mark_backward_start(output: Any, callback: Callable[[], None]) -> list[Any]:
     return handles
 
 
+def _trainable(module: nn.Module) -> list[torch.Tensor]:
+    """The gradient-requiring parameters of ``module``, also when it is a DataParallel
+    replica: ``replicate`` leaves a replica's ``_parameters`` empty and keeps its
+    (non-leaf) parameter copies in ``_former_parameters``."""
+    out: list[torch.Tensor] = []
+    for m in module.modules():
+        former = (
+            getattr(m, "_former_parameters", None) if getattr(m, "_is_replica", False) else None
+        )
+        source = former.values() if former else m._parameters.values()
+        out.extend(p for p in source if p is not None and p.requires_grad)
+    return out
+
+
 def mark_backward_end(module: nn.Module, callback: Callable[[], None]) -> Any:
-    """Call ``callback`` once every gradient-requiring parameter of ``module`` has its
-    gradient in the current backward pass. Returns the hook handle (None: no parameter)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """Call ``callback`` once every gradient-requiring parameter of ``module`` (or of the
+    replica) has its gradient in the current backward pass. Returns the hook handle (None:
+    no such parameter)."""
+    params = _trainable(module)
     if not params:
         return None
     return torch.autograd.graph.register_multi_grad_hook(
