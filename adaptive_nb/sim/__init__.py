@@ -1,6 +1,11 @@
 """Simulated GPU fleets: run the real controller (and, optionally, the real model on the
 CPU) against a scenario on a virtual clock. Everything it reports is labelled simulated.
 
+The truth need not be the planner's model (schema v2, :mod:`.schema`): per-batch timing
+``curve``s, co-tenants whose true ``slowdown`` differs from the utilisation NVML reports,
+a ``forward_fraction`` that the engine's measurement method may get wrong, and a monitor
+that reports ``monitor_lag_s`` late (:mod:`.fleet`, :mod:`.nvml`).
+
 >>> engine, controller, snapshots = build_sim_run("benchmarks/scenarios/mixed_generations.json",
 ...     policy="adaptive", headroom=0.1, control_interval=2.0)  # doctest: +SKIP
 """
