@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent  # this script's folder, imported by the kernel
+REPO = HERE.parent
 
 
 def measure(pairs: int, steps: int, step_ms: float, update_hz: float) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def in_kernel(args: argparse.Namespace) -> dict[str, Any]:
     from nbclient import NotebookClient
 
     code = (
-        f"import sys, json; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        f"import sys, json; sys.path.insert(0, {str(HERE)!r})\n"
         "import dashboard_overhead as b\n"
         f"r = b.measure({args.pairs}, {args.steps}, {args.step_ms}, {args.update_hz})\n"
         "print('RESULT ' + json.dumps(r))"
