@@ -269,3 +269,48 @@ def test_errors_that_are_not_out_of_memory_pass_unchanged() -> None:
 
     with pytest.raises(ValueError, match="own bug"):
         apply_optimizer_step(opt, step=broken)
+
+
+def test_giving_up_leaves_the_model_as_before_and_says_what_was_tried() -> None:
+    model, opt = bn_model_and_optimizer()
+    x, y = bn_data(1)[0]
+    before = _state(model)
+
+    def always_oom() -> StepOutcome:
+        bn_step(model, (x, y)).backward()  # type: ignore[no-untyped-call]
+        raise OutOfMemory("CUDA out of memory. Tried to allocate 1 GiB", device=0)
+
+    replans = iter(f"plan {i}" for i in range(100))
+
+    def replan(err: OutOfMemory) -> list[Event]:
+        return [Event(0.0, EventKind.OOM, next(replans), 0)]
+
+    with pytest.raises(OutOfMemory, match="after 8 retries") as err:
+        forward_backward(
+            always_oom,
+            lambda: opt.zero_grad(set_to_none=True),
+            on_oom=replan,
+            on_device_failure=lambda e: [],
+            rollback=StepRollback(model, opt),
+        )
+    message = str(err.value)
+    assert (
+        message.startswith("CUDA out of memory")
+        and "Tried: plan 4; plan 5; plan 6; plan 7" in message
+    )
+    assert "not applied" in message and err.value.device == 0
+    _assert_bitwise_equal(_state(model), before)
+
+    def cannot_replan(e: OutOfMemory) -> list[Event]:
+        raise e
+
+    with pytest.raises(OutOfMemory, match="no plan left that fits") as err:
+        forward_backward(
+            always_oom,
+            lambda: opt.zero_grad(set_to_none=True),
+            on_oom=cannot_replan,
+            on_device_failure=lambda e: [],
+            rollback=StepRollback(model, opt),
+        )
+    assert "Tried: nothing (the controller could not re-plan)" in str(err.value)
+    _assert_bitwise_equal(_state(model), before)

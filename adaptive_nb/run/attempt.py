@@ -99,17 +99,23 @@ def forward_backward(
         rollback.take()
     retries = 0
     ooms = 0
+    tried: list[str] = []
     while True:
         zero_grad()
         try:
             return run_step(), ooms
         except OutOfMemory as err:
             retries += 1
-            if retries > MAX_RETRIES:
-                raise
             _drop_traceback(err)
-            _undo(zero_grad, rollback)
-            on_oom(err)
+            _undo(zero_grad, rollback)  # also when giving up: the model is as before the step
+            if retries > MAX_RETRIES:
+                why = f"still out of memory after {MAX_RETRIES} retries"
+                raise _gave_up(err, tried, why) from err
+            try:
+                events = on_oom(err)
+            except OutOfMemory as final:
+                raise _gave_up(final, tried, "no plan left that fits") from final
+            tried.extend(e.detail for e in events if e.detail not in tried)
             ooms += 1
         except DeviceFailure as err:
             retries += 1
@@ -118,6 +124,19 @@ def forward_backward(
             on_device_failure(err)
             if retries > MAX_RETRIES:
                 raise
+
+
+def _gave_up(err: OutOfMemory, tried: list[str], why: str) -> OutOfMemory:
+    """The out-of-memory the run stops with: what happened, what was tried, and that the
+    step was not applied."""
+    steps = "; ".join(tried[-4:]) if tried else "nothing (the controller could not re-plan)"
+    first = (str(err).splitlines() or ["out of memory"])[0]
+    return OutOfMemory(
+        f"{first} — {why}. Tried: {steps}. The step was not applied (parameters, gradients "
+        "and buffers are as before it): free GPU memory, lower the batch size or use a "
+        "smaller model.",
+        device=err.device,
+    )
 
 
 def _undo(zero_grad: Callable[[], None], rollback: StepRollback | None) -> None:
