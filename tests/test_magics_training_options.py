@@ -115,6 +115,10 @@ def test_help_documents_the_training_options(ip: InteractiveShell) -> None:
         "--eval-every",
         "--callbacks",
         "--accumulate",
+        "--checkpoint",
+        "--checkpoint-every",
+        "--keep",
+        "--resume",
     ):
         assert opt in doc, opt
     assert "more than once per applied step" in doc
@@ -137,6 +141,8 @@ BAD = [
     ("--eval net", "`net` is a TinyNet, not a function"),
     ("--callbacks loader", r"`loader`\[0\] is a tuple with none of the callback methods"),
     ("--accumulate 0", r"--accumulate\) must be a whole number"),
+    ("--resume", r"--resume\) needs checkpoint_dir \(--checkpoint DIR\)"),
+    ("--checkpoint-every 3", r"\(--checkpoint-every\) was given without checkpoint_dir"),
 ]
 
 
@@ -151,3 +157,21 @@ def test_bad_training_options_are_usage_errors_that_change_nothing(
     assert same_params(before, params_of(ip.user_ns["net"]))
     assert ip.user_ns["opt"].param_groups[0]["lr"] == lr
     assert "_adaptive" not in ip.user_ns
+
+
+def test_checkpoint_and_resume_options(ip: InteractiveShell, tmp_path: Any) -> None:
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for x, y in make_data()[:5]:
+        ref_opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+    line = f"{OPTS} --policy static --checkpoint {tmp_path} --checkpoint-every 1 --keep 1"
+    ip.run_cell_magic("adaptive_train", f"{line} --steps 2", BODY)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000002.pt"]
+    net = make_model(seed=5)
+    ip.user_ns["net"] = net
+    ip.user_ns["opt"] = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    report = ip.run_cell_magic("adaptive_train", f"{line} --steps 5 --resume", BODY)
+    assert report.summary["resumed_from_step"] == 2 and report.summary["steps"] == 5
+    assert same_params(params_of(ref), params_of(net))

@@ -157,6 +157,23 @@ class AdaptiveMagics(Magics):
         metavar="N",
         help="one optimizer step per N batches of --data (gradient of their mean loss)",
     )
+    @argument(
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help="write checkpoints to DIR (every epoch, or --checkpoint-every N steps, and at "
+        "the end); atomic, the newest --keep kept",
+    )
+    @argument(
+        "--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N steps"
+    )
+    @argument("--keep", type=int, default=None, metavar="N", help="checkpoints kept (default 2)")
+    @argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint DIR (--steps/--epochs count "
+        "from the start of the training)",
+    )
     @cell_magic
     def adaptive_train(self, line: str, cell: str) -> RunReport | None:
         """Train a model with the cell body as the per-step code.
@@ -292,6 +309,10 @@ class AdaptiveMagics(Magics):
             "precision": args.precision,
             "eval_every": args.eval_every,
             "accumulate": args.accumulate,
+            "checkpoint_dir": args.checkpoint,
+            "checkpoint_every": args.checkpoint_every,
+            "keep": args.keep,
+            "resume": True if args.resume else None,
             **extras,
         }
         if args.background:

@@ -7,6 +7,7 @@ Bad input raises :class:`~adaptive_nb.errors.UsageError` before anything runs.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -60,6 +61,10 @@ def _prepare(
     eval_every: int | None = None,
     callbacks: Any = None,
     accumulate: int = 1,
+    checkpoint_dir: Any = None,
+    checkpoint_every: int | None = None,
+    keep: int | None = None,
+    resume: Any = None,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -82,6 +87,11 @@ def _prepare(
         eval_every=eval_every,
         callbacks=callbacks,
         accumulate=accumulate,
+        model=model,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        resume=resume,
     )
     busy = slot.active_run()
     if busy is not None:  # early, friendly check; the slot is claimed atomically later
@@ -143,6 +153,10 @@ def train(
     eval_every: int | None = None,
     callbacks: Any = None,
     accumulate: int = 1,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    keep: int | None = None,
+    resume: bool | str | os.PathLike[str] | None = None,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -203,6 +217,14 @@ def train(
       loss weighted by its share of the samples (the gradient of the mean over all of
       them); groups do not span epochs. ``steps``, the scheduler, clipping, callbacks and
       ``eval_every`` count optimizer steps.
+    - ``checkpoint_dir``: write checkpoints there (model, optimizer, scheduler, scaler,
+      position, RNG states, history; atomically), after every epoch or every
+      ``checkpoint_every`` steps, and when the run ends between steps (completed, stopped,
+      interrupted); the newest ``keep`` (default 2) are kept. ``resume=True`` continues
+      from the newest one there (or from step 0 if there is none yet), ``resume=PATH``
+      from that file: ``steps``/``epochs`` count from the start of the training, so the
+      same call with ``resume=True`` finishes what is left, bit-for-bit on CPU as if it
+      had never stopped (consumed batches of the epoch are skipped in the same order).
 
     **The step body may run more than once per applied step**: an out-of-memory retry
     re-runs it on the same batch, and micro-batches and accumulated batches run it once
@@ -238,6 +260,10 @@ def train(
         eval_every=eval_every,
         callbacks=callbacks,
         accumulate=accumulate,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        resume=resume,
     )
     slot.set_last(run)
     return run.execute()

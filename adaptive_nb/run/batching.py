@@ -31,15 +31,28 @@ def batch_stream(run: Run) -> Iterator[Any]:
     """The run's batches, epoch after epoch, with an :class:`EpochEnd` after each epoch that
     produced batches (``run.epoch`` is the epoch of the latest batch). Data that produces no
     batch at all is a UsageError; data that runs out later ends the run with a notice."""
-    epoch = 0
+    checkpoints = run.training.checkpoints
+    epoch, skip = checkpoints.skip_to()  # (0, 0) unless resuming
     while run.epochs is None or epoch < run.epochs:
         got = False
+        checkpoints.start_epoch(epoch)
         for batch in run.data:
+            checkpoints.position = (epoch, checkpoints.position[1] + 1)
             if not got:
                 got = True
                 run.epoch = epoch
                 run._epochs_started = epoch + 1
+            if skip:  # consumed before the checkpoint being resumed
+                skip -= 1
+                if not skip:
+                    checkpoints.skipped()
+                continue
             yield batch
+        if skip:
+            raise UsageError(
+                f"`{run.data_name}` has fewer batches in epoch {epoch} than when the checkpoint "
+                "was written: resume with the same data (and batch size)."
+            )
         if not got:
             if run.step == 0:
                 raise UsageError(

@@ -44,7 +44,7 @@ from .observers import Observer, SafeObservers
 from .records import progress_of, record_tick, run_summary
 from .report import RunReport
 from .rollback import StepRollback
-from .step_hooks import after_epoch, after_step
+from .step_hooks import after_epoch, after_step, resume, save_checkpoint
 from .stepping import train_step
 from .training import Training, TrainingOptions
 
@@ -338,6 +338,7 @@ class Run:
         notice = getattr(self.snapshots, "notice", None)
         if isinstance(notice, str) and notice:
             self._event(EventKind.NOTICE, notice)
+        resume(self)  # a checkpoint being resumed is loaded here, before the first step
         primary = self.engine.primary_device()
         interval = self.control_interval
         next_tick = 0.0
@@ -398,6 +399,7 @@ class Run:
                     last_t = self._now()  # evaluation and callbacks are not step time
                 if exhausted:
                     break
+            save_checkpoint(self)  # completed, stopped or interrupted between steps
             if self.ended == "running":
                 self.ended = "completed"
         except DeviceFailure as exc:

@@ -12,7 +12,7 @@ from ..events import EventKind
 if TYPE_CHECKING:
     from .loop import Run
 
-__all__ = ["after_epoch", "after_step", "evaluate"]
+__all__ = ["after_epoch", "after_step", "evaluate", "resume", "save_checkpoint"]
 
 
 def after_step(run: Run) -> None:
@@ -23,6 +23,8 @@ def after_step(run: Run) -> None:
         training.callbacks.step_end(run.step, loss, training.history)
     if training.evaluator.due_after_step(run.step):
         evaluate(run)
+    if training.checkpoints.due_after_step(run.step):
+        save_checkpoint(run)
 
 
 def after_epoch(run: Run, epoch: int) -> None:
@@ -33,6 +35,16 @@ def after_epoch(run: Run, epoch: int) -> None:
         evaluate(run)
     training.schedule.after_epoch()
     training.callbacks.epoch_end(epoch, training.history)
+    training.checkpoints.end_epoch(epoch)
+    if training.checkpoints.due_after_epoch():
+        save_checkpoint(run)
+
+
+def save_checkpoint(run: Run) -> None:
+    """Write a checkpoint now (if checkpointing and not written at this point already)."""
+    path = run.training.checkpoints.save(run)
+    if path is not None:
+        run._event(EventKind.NOTICE, f"checkpoint written: {path}")
 
 
 def evaluate(run: Run) -> None:
@@ -48,3 +60,22 @@ def evaluate(run: Run) -> None:
     run._event(EventKind.EVAL, f"{training.evaluator.name} after step {run.step}: {shown}")
     training.schedule.after_eval(metrics, training.evaluator.name)
     training.callbacks.eval(metrics)
+
+
+def resume(run: Run) -> None:
+    """Before the first step: load the checkpoint being resumed, and say so."""
+    ckpt = run.training.checkpoints
+    if ckpt.options.resume_missing:
+        run._event(
+            EventKind.NOTICE,
+            f"no checkpoint in {ckpt.options.directory} yet: training from step 0",
+        )
+    if ckpt.resume is None:
+        return
+    ckpt.apply(run)
+    epoch, position = ckpt.skip_to()
+    run._event(
+        EventKind.NOTICE,
+        f"resumed from {ckpt.options.resume_path} at step {run.step} (epoch {epoch}, "
+        f"{position} batches of it done)",
+    )

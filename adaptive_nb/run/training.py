@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from ..events import EventKind
 from ..step import StepFn
 from .accumulate import GradBuffer, check_accumulate
 from .callbacks import Callbacks, check_callbacks
+from .checkpoint import Checkpointing, CheckpointOptions, check_checkpoint_options
 from .clipping import check_clip, clip_gradients
 from .evaluation import Evaluator, check_evaluate
 from .history import TrainingHistory
@@ -46,6 +47,7 @@ class TrainingOptions:
     callbacks: tuple[Any, ...] = ()
     accumulate: int = 1
     evaluate_name: str = "evaluate"
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
 
 
 def check_training_options(
@@ -62,6 +64,11 @@ def check_training_options(
     eval_every: Any = None,
     callbacks: Any = None,
     accumulate: Any = 1,
+    model: nn.Module | None = None,
+    checkpoint_dir: Any = None,
+    checkpoint_every: Any = None,
+    keep: Any = None,
+    resume: Any = None,
 ) -> TrainingOptions:
     """Every option checked (UsageError naming the option and the fix); changes nothing."""
     names = names or {}
@@ -75,17 +82,29 @@ def check_training_options(
         has_evaluate=evaluate is not None,
         name=names.get("scheduler", "scheduler"),
     )
+    checked_precision = check_precision(precision, device_kind)
+    checkpoint = check_checkpoint_options(
+        directory=checkpoint_dir,
+        every=checkpoint_every,
+        keep=keep,
+        resume=resume,
+        model=model if model is not None else nn.Module(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        fp16=checked_precision == "fp16",
+    )
     return TrainingOptions(
         scheduler=scheduler,
         scheduler_interval=interval,
         scheduler_metric=scheduler_metric,
         clip_grad_norm=check_clip(clip_grad_norm),
-        precision=check_precision(precision, device_kind),
+        precision=checked_precision,
         evaluate=evaluate,
         eval_every=every,
         callbacks=check_callbacks(callbacks, names.get("callbacks", "callbacks")),
         accumulate=check_accumulate(accumulate),
         evaluate_name=eval_name,
+        checkpoint=checkpoint,
     )
 
 
@@ -124,6 +143,7 @@ class Training:
         self.callbacks = Callbacks(options.callbacks)
         self.accumulate = options.accumulate
         self.buffer = GradBuffer(optimizer) if options.accumulate > 1 else None
+        self.checkpoints = Checkpointing(options.checkpoint)
         self._weight = 1.0
 
     # -- the step function -----------------------------------------------------------------
@@ -205,4 +225,11 @@ class Training:
         if len(set(groups)) > 1:
             out["lr_final_groups"] = groups
         out.update(self.history.summary())
+        ckpt = self.checkpoints
+        if ckpt.enabled or ckpt.options.resume_path is not None:
+            out["checkpoints_written"] = len(ckpt.written)
+            out["last_checkpoint"] = str(ckpt.written[-1]) if ckpt.written else None
+            resumed = ckpt.options.resume_path
+            out["resumed_from"] = str(resumed) if resumed is not None else None
+            out["resumed_from_step"] = int(ckpt.resume["step"]) if ckpt.resume else 0
         return out
