@@ -1,0 +1,60 @@
+"""The messages between the kernel and the ranks (tuples over a
+``multiprocessing.connection`` on loopback, authenticated with a per-group secret).
+
+Kernel → rank, in order on every rank (so a plan, a pause or a stop takes effect at the
+same step boundary everywhere): ``JOB`` (cloudpickled job), ``PLAN`` (from-step, shares,
+micro-batches, caps), ``STEP`` (a :class:`~.data.BatchToken`), ``APPLY`` (optimizer step,
+no reply), ``DISCARD``, ``STATE``, ``LOG``, ``GRADS`` (the step's gradients), ``END`` (drop the job), ``STOP`` (exit).
+Rank → kernel: ``HELLO``, ``OK``, ``DONE`` (step measurements), ``OOM``, ``LOST`` (cannot
+continue in step), ``FAILED`` (an error: type name, message, traceback text, the pickled
+exception when it pickles), ``STATE``, ``LOG``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+__all__ = ["get", "put", "try_pickle"]
+
+HELLO = "hello"
+OK = "ok"
+JOB = "job"
+PLAN = "plan"
+STEP = "step"
+APPLY = "apply"
+DISCARD = "discard"
+STATE = "state"
+LOG = "log"
+GRADS = "grads"
+END = "end"
+STOP = "stop"
+DONE = "done"
+OOM = "oom"
+LOST = "lost"
+FAILED = "failed"
+
+REPLIED = frozenset({JOB, STEP, DISCARD, STATE, LOG, GRADS, END})
+"""Commands the rank answers (an error from an unanswered command is told with the next)."""
+
+
+def try_pickle(obj: Any) -> bytes | None:
+    """``obj`` pickled, or None when it does not pickle (or would not unpickle)."""
+    try:
+        data = pickle.dumps(obj)
+        pickle.loads(data)
+    except Exception:
+        return None
+    return data
+
+
+def put(conn: Any, message: tuple[Any, ...]) -> None:
+    """Send with the standard pickler: ``Connection.send`` would use torch's
+    shared-memory reductions for tensors, which do not cross between unrelated processes."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def get(conn: Any) -> tuple[Any, ...]:
+    """Receive one message sent with :func:`put`."""
+    message: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
+    return message

@@ -1,0 +1,290 @@
+"""One rank's side of a DDP job: the shipped model wrapped in DistributedDataParallel,
+the optimizer (the ranks apply the step), the plan table, and one step's forward and
+backward on the rank's own slice, measured.
+
+Measurement method (what the kernel reads as the rank's compute time): ``forward_s`` is
+from the start of each piece to the step function's return (the loss); ``backward_s``
+from ``backward()`` to the moment the *last* gradient bucket is handed to the all-reduce
+(a DDP communication hook stamps it: every gradient has been computed then); the rest of
+``backward()`` is ``wait_s``, time spent waiting for the all-reduce, which is not
+compute. Peak memory: CUDA's peak allocated bytes over the step, or on the CPU the
+process's resident set after each forward (where activations are largest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ...batches import move_to, split_nested
+from ...errors import LossError
+from .data import BatchToken, DataSource, load_slice
+from .scaling import RankLayout, loss_weight, rank_layout, slice_bounds
+
+__all__ = ["RankJob", "StepFailed", "is_oom"]
+
+
+class StepFailed(Exception):
+    """An out-of-memory this rank cannot recover from in step with the others (its
+    synchronised backward had begun): the group must be restarted."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+class _HookState:
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.last_handoff: float | None = None
+
+
+def _timed_allreduce(
+    state: _HookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default all-reduce (sum, then divide by W), stamping when it is handed over."""
+    state.last_handoff = time.perf_counter()
+    tensor = bucket.buffer().div_(state.world_size)
+    fut = dist.all_reduce(tensor, async_op=True).get_future()  # type: ignore[union-attr]
+    return fut.then(lambda f: f.value()[0])
+
+
+# DDP checks a hook's annotations as objects (this module's are strings: __future__).
+_timed_allreduce.__annotations__.update(
+    bucket=dist.GradBucket, return_=None, **{"return": torch.futures.Future[torch.Tensor]}
+)
+del _timed_allreduce.__annotations__["return_"]
+
+
+def _check_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise LossError(
+            f"the step returned a {type(loss).__name__}, not a loss tensor: return the loss "
+            "itself, not `.item()` (the step was not applied)."
+        )
+    if loss.numel() != 1:
+        raise LossError(
+            f"the step's loss has shape {tuple(loss.shape)}; it must be a scalar mean over "
+            "the batch, e.g. `loss.mean()` (the step was not applied)."
+        )
+    if not loss.requires_grad:
+        raise LossError(
+            "the step's loss does not require grad (computed under torch.no_grad() or from "
+            "detached tensors): nothing can be trained (the step was not applied)."
+        )
+    return loss.reshape(())
+
+
+class RankJob:
+    """Everything one rank holds for a job, built from the shipped dict."""
+
+    def __init__(self, job: dict[str, Any], rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.step_fn = job["step"]
+        model: nn.Module = job["model"]
+        self.optimizer: torch.optim.Optimizer = job["optimizer"]
+        self.data: DataSource = job["data"]
+        self.clip: float | None = job.get("clip_grad_norm")
+        device_ids: list[int] = list(job.get("device_ids") or [])
+        self.device = torch.device("cuda", device_ids[rank]) if device_ids else torch.device("cpu")
+        if job.get("sync_bn"):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same Parameter objects
+        model.to(self.device)
+        for state in self.optimizer.state.values():  # moments follow their parameter
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    state[key] = value.to(self.device)
+        model.train()
+        self.module = model
+        self.ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if device_ids else None
+        )
+        self.hook = _HookState(world_size)
+        self.ddp.register_comm_hook(self.hook, _timed_allreduce)
+        self._ddp_returned = False
+        self.ddp.register_forward_hook(lambda *_: self._returned())
+        self.plans: list[tuple[int, tuple[float, ...], int, tuple[int | None, ...] | None]] = [
+            (0, tuple(1.0 / world_size for _ in range(world_size)), 1, None)
+        ]
+        self.history: list[tuple[int, int]] = []  # (step, samples on this rank) per attempt
+        self.applied = 0
+        self._buffers: list[torch.Tensor] = []
+        self._process = psutil.Process()
+
+    def _returned(self) -> None:
+        self._ddp_returned = True
+
+    # -- plans ------------------------------------------------------------------------------
+    def add_plan(
+        self,
+        from_step: int,
+        shares: tuple[float, ...],
+        micro_batches: int,
+        caps: tuple[int | None, ...] | None,
+    ) -> None:
+        """Use this plan from step ``from_step`` on (later plans for the same step win)."""
+        self.plans = [p for p in self.plans if p[0] < from_step]
+        self.plans.append((from_step, shares, micro_batches, caps))
+
+    def layout(self, token: BatchToken) -> RankLayout:
+        _, shares, micro, caps = max(
+            (p for p in self.plans if p[0] <= token.step), key=lambda p: p[0]
+        )
+        return rank_layout(shares, token.batch, micro, caps)
+
+    # -- one step ---------------------------------------------------------------------------
+    def forward_backward(self, token: BatchToken) -> dict[str, Any]:
+        """Forward + backward of this rank's slice; gradients left for :meth:`apply`.
+        Raises an out-of-memory only after this rank has joined the step's all-reduce
+        (with an empty slice) and cleared its gradients; :class:`StepFailed` when it can
+        no longer join."""
+        lay = self.layout(token)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._buffers = [b.detach().clone() for b in self.module.buffers()]
+        start, stop = slice_bounds(lay.sizes, self.rank)
+        mine = lay.sizes[self.rank]
+        self.history.append((token.step, mine))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stats = {"forward_s": 0.0, "backward_s": 0.0, "wait_s": 0.0, "peak_mb": 0.0}
+        t0 = time.perf_counter()
+        try:
+            batch = move_to(load_slice(self.data, token, start, stop), self.device)
+            loss_sum = self._pieces(batch, lay.pieces[self.rank], token.batch, stats)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            message = (str(exc).splitlines() or ["out of memory"])[0]
+            if self._ddp_returned and self._in_synced:
+                raise StepFailed(
+                    f"rank {self.rank} ran out of memory after its synchronised forward "
+                    f"({message}): the ranks cannot retry this step together."
+                ) from None
+            del exc
+            self._join_empty(token)
+            self.discard()
+            raise torch.OutOfMemoryError(message) from None
+        if mine == 0:
+            self._restore_buffers()  # statistics of an empty batch are not statistics
+        if self.device.type == "cuda":
+            stats["peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return {
+            "step": token.step,
+            "rank": self.rank,
+            "batch": mine,
+            "pieces": len(lay.pieces[self.rank]),
+            "loss_sum": loss_sum,
+            "wall_s": time.perf_counter() - t0,
+            **stats,
+        }
+
+    _in_synced = False
+
+    def _pieces(self, batch: Any, pieces: tuple[int, ...], total: int, stats: dict[str, float]) -> float:
+        parts = [batch] if len(pieces) == 1 else self._split(batch, pieces)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for j, (piece, n) in enumerate(zip(parts, pieces, strict=True)):
+            synced = j == len(pieces) - 1
+            self._in_synced = synced
+            self._ddp_returned = False
+            ctx = contextlib.nullcontext() if synced else self.ddp.no_sync()
+            with ctx:
+                t0 = time.perf_counter()
+                loss = _check_loss(self.step_fn(self.ddp, piece))
+                t1 = time.perf_counter()
+                if self.device.type == "cpu":
+                    rss = self._process.memory_info().rss / 2**20
+                    stats["peak_mb"] = max(stats["peak_mb"], rss)
+                self.hook.last_handoff = None
+                (loss * loss_weight(n, total, self.world_size)).backward()  # type: ignore[no-untyped-call]
+                t2 = time.perf_counter()
+            stats["forward_s"] += t1 - t0
+            handoff = self.hook.last_handoff if synced else None
+            if handoff is not None and handoff >= t1:
+                stats["backward_s"] += handoff - t1
+                stats["wait_s"] += t2 - handoff
+            else:
+                stats["backward_s"] += t2 - t1
+            if n > 0:
+                loss_sum += loss.detach().to("cpu", torch.float64) * n
+        self._in_synced = False
+        return float(loss_sum)
+
+    @staticmethod
+    def _split(batch: Any, pieces: tuple[int, ...]) -> list[Any]:
+        total = sum(pieces)
+
+        def cut(t: torch.Tensor) -> list[Any]:
+            if t.dim() > 0 and t.shape[0] == total:
+                return list(torch.split(t, list(pieces), dim=0))
+            return [t] * len(pieces)
+
+        return split_nested(batch, len(pieces), cut)
+
+    def _join_empty(self, token: BatchToken) -> None:
+        """After an out-of-memory before the synchronised backward: join the step's
+        all-reduce with an empty slice (contributing zero gradient) so no rank waits."""
+        self.optimizer.zero_grad(set_to_none=True)
+        empty = move_to(load_slice(self.data, token, 0, 0), self.device)
+        self._in_synced = True
+        self._ddp_returned = False
+        loss = _check_loss(self.step_fn(self.ddp, empty))
+        (loss * 0.0).backward()  # type: ignore[no-untyped-call]
+        self._in_synced = False
+
+    def _restore_buffers(self) -> None:
+        with torch.no_grad():
+            for buf, saved in zip(self.module.buffers(), self._buffers, strict=True):
+                buf.copy_(saved)
+
+    def discard(self) -> None:
+        """Forget the step's gradients and buffer updates (the step will be retried)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._buffers:
+            self._restore_buffers()
+
+    def apply(self, hyper: list[dict[str, Any]] | None) -> None:
+        """The optimizer step, with the kernel optimizer's hyper-parameters (a scheduler
+        steps the kernel's optimizer; its learning rate travels here)."""
+        if hyper is not None:
+            for group, values in zip(self.optimizer.param_groups, hyper, strict=True):
+                group.update(values)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.applied += 1
+
+    def gradients(self) -> dict[str, torch.Tensor | None]:
+        """The gradients the step left, by parameter name, on the CPU."""
+        return {
+            name: None if p.grad is None else p.grad.detach().to("cpu").clone()
+            for name, p in self.module.named_parameters()
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The model's and optimizer's state dicts, on the CPU."""
+
+        def cpu(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().to("cpu").clone()
+            if isinstance(obj, dict):
+                return {k: cpu(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [cpu(v) for v in obj]
+            return obj
+
+        return {
+            "model": cpu(self.module.state_dict()),
+            "optimizer": cpu(self.optimizer.state_dict()),
+            "applied": self.applied,
+        }
