@@ -81,20 +81,46 @@ LOSS = (0.001, 0.002)  # the loss on the primary: forward, backward
 OPT = 0.004
 
 
-def cpu_replicate(module: Any) -> Any:
-    """What ``torch.nn.parallel.replicate`` makes, on the CPU: a replica whose
-    ``_parameters`` is empty and whose parameters are non-leaf copies (their gradients flow
-    back to the module's) kept in ``_former_parameters``."""
-    replica = module._replicate_for_data_parallel()
-    replica._former_parameters = OrderedDict()
-    for key, param in module._parameters.items():
-        if param is not None:
-            view = param.view_as(param)
-            setattr(replica, key, view)
-            replica._former_parameters[key] = view
-    for name, child in module._modules.items():
-        replica._modules[name] = cpu_replicate(child)
-    return replica
+class CpuBroadcast(torch.autograd.Function):
+    """``Broadcast`` on the CPU: ``n`` copies of each parameter from one autograd node,
+    whose backward (like ``ReduceAddCoalesced``) runs only once every replica's gradient
+    is in."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, *params: torch.Tensor) -> Any:
+        ctx.n, ctx.k = n, len(params)
+        return tuple(p.view_as(p) for _ in range(n) for p in params)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        sums = []
+        for i in range(ctx.k):
+            parts = [g for g in grads[i :: ctx.k] if g is not None]
+            sums.append(torch.stack(parts).sum(0) if parts else None)
+        return (None, *sums)
+
+
+def cpu_replicate(module: Any, n: int) -> list[Any]:
+    """What ``torch.nn.parallel.replicate`` makes, on the CPU: replicas whose
+    ``_parameters`` are empty and whose parameters are non-leaf copies from one shared
+    broadcast node, kept in ``_former_parameters``."""
+    params = list(module.parameters())
+    copies = CpuBroadcast.apply(n, *params)
+    index = {id(p): i for i, p in enumerate(params)}
+
+    def build(m: Any, j: int) -> Any:
+        r = m._replicate_for_data_parallel()
+        r._former_parameters = OrderedDict()
+        for key, param in m._parameters.items():
+            if param is not None:
+                copy = copies[j * len(params) + index[id(param)]]
+                setattr(r, key, copy)
+                r._former_parameters[key] = copy
+        for name, child in m._modules.items():
+            r._modules[name] = build(child, j)
+        return r
+
+    return [build(module, j) for j in range(n)]
 
 
 def _stub(monkeypatch: pytest.MonkeyPatch, clocks: DeviceClocks) -> None:
@@ -104,11 +130,9 @@ def _stub(monkeypatch: pytest.MonkeyPatch, clocks: DeviceClocks) -> None:
         return list(torch.split(t, list(sizes), dim=dim))
 
     def replicate(self: Any, module: TimedNet, ids: Sequence[int]) -> list[TimedNet]:
-        replicas = []
-        for d in ids:
-            r = cpu_replicate(module)
+        replicas = cpu_replicate(module, len(ids))
+        for r, d in zip(replicas, ids, strict=True):
             r.device, r.fwd, r.bwd = d, FWD[d], BWD[d]
-            replicas.append(r)
         return replicas
 
     def parallel_apply(self: Any, replicas: Any, inputs: Any, kwargs: Any) -> list[Any]:
@@ -254,3 +278,29 @@ def test_an_oom_in_the_loss_frees_the_attempt_before_emptying_the_cache(
     assert err.value.device == 0
     assert alive_at_release == [False, False, False]  # every device, after the tensors went
     assert err.value.__traceback__ is not None and err.value.__cause__ is None
+
+
+def test_each_replicas_backward_is_bracketed_by_its_own_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On one autograd thread (as when replicas share a GPU) the replicas' backward passes
+    run one after another: each one's end must be marked before the next one starts, not
+    when the shared broadcast node finally runs after all of them."""
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, wrapper = _engine(clocks, (0.5, 0.25, 0.25))
+    marks: list[str] = []
+    inner = wrapper.on_mark
+    assert inner is not None
+
+    def logged(position: int, what: str) -> None:
+        marks.append(f"{what} {position}")
+        inner(position, what)
+
+    wrapper.on_mark = logged
+    engine.forward_backward(_loss(clocks), _batch())
+    backward = [m for m in marks if m.startswith("backward")]
+    assert len(backward) == 6
+    for start, end in zip(backward[::2], backward[1::2], strict=True):
+        assert start.startswith("backward_start") and end.startswith("backward_end")
+        assert start.split()[1] == end.split()[1], backward

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_backward_timing import cpu_replicate
 from torch import nn
 
 import adaptive_nb
@@ -142,7 +143,7 @@ class _Recorder:
 
     def replicate(self, module: nn.Module, ids: Sequence[int]) -> list[Any]:
         self.calls.append(f"replicate {list(ids)}")
-        return [module for _ in ids]
+        return cpu_replicate(module, len(ids))  # like torch's: parameters from one node
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Any, kwargs: Any) -> list[Any]:
         self.calls.append("apply")

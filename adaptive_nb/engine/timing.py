@@ -7,9 +7,11 @@ Method (no synchronisation, nothing assumed about backward ≈ k × forward):
 * backward start of replica ``i``: a hook on the replica's output tensors fires when the
   first of their gradients has arrived on that device (after the loss backward and
   ``Gather.backward`` delivered it), and records an event there;
-* backward end of replica ``i``: ``torch.autograd.graph.register_multi_grad_hook`` on the
-  replica's parameters (mode ``"all"``) fires once every parameter gradient of that
-  replica is computed, before they are reduced onto the primary, and records an event;
+* backward end of replica ``i``: an identity autograd function over the replica's
+  parameter copies, inserted just before its forward; its backward runs on that device
+  once every parameter gradient of the replica is computed, before they are reduced onto
+  the primary, and records an event (a module called alone, with leaf parameters, uses
+  ``torch.autograd.graph.register_multi_grad_hook`` on them instead);
 * the primary is also charged with the loss: from the end of the gather to the start of
   its replica's backward (loss forward, loss backward, ``Gather.backward``), and, when the
   loop steps the optimizer through the engine, with ``optimizer.step()``.
@@ -35,6 +37,7 @@ __all__ = [
     "Interval",
     "mark_backward_end",
     "mark_backward_start",
+    "mark_replica_backward_end",
     "seconds_by_position",
 ]
 
@@ -131,25 +134,52 @@ def mark_backward_start(output: Any, callback: Callable[[], None]) -> list[Any]:
     return handles
 
 
-def _trainable(module: nn.Module) -> list[torch.Tensor]:
-    """The gradient-requiring parameters of ``module``, also when it is a DataParallel
-    replica: ``replicate`` leaves a replica's ``_parameters`` empty and keeps its
-    (non-leaf) parameter copies in ``_former_parameters``."""
-    out: list[torch.Tensor] = []
-    for m in module.modules():
-        former = (
-            getattr(m, "_former_parameters", None) if getattr(m, "_is_replica", False) else None
-        )
-        source = former.values() if former else m._parameters.values()
-        out.extend(p for p in source if p is not None and p.requires_grad)
-    return out
+class _ReplicaEnd(torch.autograd.Function):
+    """Identity on a replica's parameters; its backward runs once all of their gradients
+    are computed (on the replica's device, before they are reduced) and calls
+    ``callback``."""
+
+    @staticmethod
+    def forward(ctx: Any, callback: Callable[[], None], *params: torch.Tensor) -> Any:
+        ctx.callback = callback
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        ctx.callback()
+        return (None, *grads)
+
+
+def mark_replica_backward_end(replica: nn.Module, callback: Callable[[], None]) -> bool:
+    """Before a DataParallel replica's forward: pass its parameter copies (which
+    ``replicate`` keeps in ``_former_parameters``) through :class:`_ReplicaEnd`, so that
+    ``callback`` runs when the replica's own parameter gradients are done. (A tensor hook on
+    those copies would fire only when ``Broadcast``'s backward runs, after *every* replica.)
+    Created just before the forward, the function also comes right after the replica's own
+    nodes in autograd's order. False if ``replica`` is not a replica with parameters."""
+    slots: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for m in replica.modules():
+        former = getattr(m, "_former_parameters", None)
+        if not getattr(m, "_is_replica", False) or not former:
+            continue
+        slots.extend((m, k, t) for k, t in former.items() if t is not None and t.requires_grad)
+    if not slots:
+        return False
+    unique = list({id(t): t for _, _, t in slots}.values())
+    outs = _ReplicaEnd.apply(callback, *unique)  # type: ignore[no-untyped-call]
+    new = {id(t): o for t, o in zip(unique, outs, strict=True)}
+    for m, key, t in slots:
+        setattr(m, key, new[id(t)])
+        m._former_parameters[key] = new[id(t)]  # type: ignore[index, operator]
+    return True
 
 
 def mark_backward_end(module: nn.Module, callback: Callable[[], None]) -> Any:
-    """Call ``callback`` once every gradient-requiring parameter of ``module`` (or of the
-    replica) has its gradient in the current backward pass. Returns the hook handle (None:
-    no such parameter)."""
-    params = _trainable(module)
+    """Call ``callback`` once every gradient-requiring parameter of ``module`` (a module
+    with leaf parameters, not a replica: see :func:`mark_replica_backward_end`) has its
+    gradient in the current backward pass. Returns the hook handle (None: no such
+    parameter)."""
+    params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return None
     return torch.autograd.graph.register_multi_grad_hook(

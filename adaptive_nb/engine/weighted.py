@@ -35,7 +35,7 @@ from ..batches import first_batch_size, split_nested
 from ..errors import UsageError
 from ..layout import chunk_sizes
 from .replica_loss import gather_weighted
-from .timing import mark_backward_end, mark_backward_start
+from .timing import mark_backward_end, mark_backward_start, mark_replica_backward_end
 
 __all__ = ["WeightedDataParallel", "default_min_chunk", "scatter_weighted"]
 
@@ -100,12 +100,18 @@ class _TimedReplica:
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
         mark = self.owner.on_mark
         if mark is None:
-            return self.replica(*inputs, **kwargs)
-        mark(self.position, "forward_start")
-        out = self.replica(*inputs, **kwargs)
-        mark(self.position, "forward_end")
-        self.owner.watch_backward(self.replica, out, self.position)
+            return self.run(*inputs, **kwargs)
+        position = self.position
+        mark(position, "forward_start")
+        mark_replica_backward_end(self.replica, lambda: mark(position, "backward_end"))
+        out = self.run(*inputs, **kwargs)
+        mark(position, "forward_end")
+        self.owner.watch_backward_start(out, position)
         return out
+
+    def run(self, *inputs: Any, **kwargs: Any) -> Any:
+        """The replica's forward (the part that is timed as this device's forward)."""
+        return self.replica(*inputs, **kwargs)
 
 
 class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
@@ -144,18 +150,13 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         positions = [p for p, s in enumerate(sizes) if s > 0]
         return positions, [sizes[p] for p in positions]
 
-    def watch_backward(self, module: nn.Module, output: Any, position: int) -> None:
-        """Hooks that report ``position``'s backward start (its output's gradient arrives)
-        and end (all its parameters' gradients computed)."""
+    def watch_backward_start(self, output: Any, position: int) -> None:
+        """Hooks that report ``position``'s backward start (its output's gradient arrives)."""
         mark = self.on_mark
-        if mark is None:
-            return
-        self.hook_handles.extend(
-            mark_backward_start(output, lambda: mark(position, "backward_start"))
-        )
-        handle = mark_backward_end(module, lambda: mark(position, "backward_end"))
-        if handle is not None:
-            self.hook_handles.append(handle)
+        if mark is not None:
+            self.hook_handles.extend(
+                mark_backward_start(output, lambda: mark(position, "backward_start"))
+            )
 
     def remove_hooks(self) -> None:
         for handle in self.hook_handles:
@@ -231,5 +232,9 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
             position = self.positions[0]
             self.on_mark(position, "forward_end")
             self.on_mark(position, "gathered")
-            self.watch_backward(self.module, out, position)
+            self.watch_backward_start(out, position)
+            mark = self.on_mark
+            handle = mark_backward_end(self.module, lambda: mark(position, "backward_end"))
+            if handle is not None:
+                self.hook_handles.append(handle)
         return out
