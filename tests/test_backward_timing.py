@@ -304,3 +304,28 @@ def test_each_replicas_backward_is_bracketed_by_its_own_nodes(
     for start, end in zip(backward[::2], backward[1::2], strict=True):
         assert start.startswith("backward_start") and end.startswith("backward_end")
         assert start.split()[1] == end.split()[1], backward
+
+
+@pytest.mark.gpu
+def test_on_a_real_gpu_every_phase_is_measured_from_events() -> None:
+    engine = DataParallelEngine([0])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine.prepare(model)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(512, 64, generator=g).cuda(0), torch.randint(0, 4, (512,)).cuda(0))
+
+    def ce(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        engine.forward_backward(ce, batch)
+        engine.timed_update(opt.step)()
+    torch.cuda.synchronize()
+    out = engine.forward_backward(ce, batch)
+    phases = out.device_phase_s[0]
+    assert set(phases) == {"forward", "backward", "loss", "optimizer"}
+    assert all(v > 0 for v in phases.values()), phases
+    assert out.device_time_s[0] == pytest.approx(sum(phases.values()))
