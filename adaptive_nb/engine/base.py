@@ -37,7 +37,9 @@ class Engine(ABC):
     def forward_backward(self, step: StepFn, batch: Any) -> StepOutcome:
         """Run ``step`` on the batch and ``backward()`` the loss (the gradient must equal
         the full-batch gradient). Must not call ``optimizer.step``. Raises
-        :class:`OutOfMemory` / :class:`DeviceFailure` with no lasting effect on the model."""
+        :class:`OutOfMemory` / :class:`DeviceFailure` having applied nothing; what a failed
+        attempt changed in place (buffers such as batch-norm statistics, gradients) the loop
+        restores before retrying (:mod:`adaptive_nb.run.rollback`)."""
 
     def timed_update(self, update: Callable[[], object]) -> Callable[[], object]:
         """``update`` (the optimizer step), possibly timed by the engine: the loop runs the
