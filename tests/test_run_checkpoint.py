@@ -25,10 +25,11 @@ def _model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
 
 
-def _loader() -> DataLoader[Any]:
+def _loader(own_generator: bool = False) -> DataLoader[Any]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # 6 batches
+    shuffle_with = torch.Generator().manual_seed(5) if own_generator else None
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=shuffle_with)
 
 
 def _step(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -167,3 +168,33 @@ def test_a_checkpoint_of_another_setup_is_refused_before_anything_changes(tmp_pa
             checkpoint_dir=tmp_path,
             resume=True,
         )
+
+
+class StopAt:
+    """Early stopping from a callback: asks the active run to stop after step ``k``."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_step_end(self, step: int, loss: float | None, history: Any) -> None:
+        if step == self.k:
+            run = adaptive_nb.active_run()
+            assert run is not None
+            run.control.stop()
+
+
+def test_a_run_stopped_by_a_callback_resumes_exactly_with_its_own_loader_generator(
+    tmp_path: Path,
+) -> None:
+    """The loader shuffles with its own generator (``DataLoader(generator=…)``), whose
+    state the checkpoint keeps too; the stop comes from a callback mid-epoch."""
+    torch.manual_seed(1)
+    ref, _, _, ref_report = _run(0, N, data=_loader(own_generator=True))
+    torch.manual_seed(1)
+    loader = _loader(own_generator=True)
+    _, _, _, first = _run(0, N, data=loader, checkpoint_dir=tmp_path, callbacks=StopAt(8))
+    assert first.summary["ended"] == "stopped" and first.summary["steps"] == 8
+    loader.generator.manual_seed(77)  # type: ignore[union-attr]
+    model, _, _, report = _run(3, N, data=loader, checkpoint_dir=tmp_path, resume=True)
+    assert same_params(params_of(ref), params_of(model))
+    assert report.lr == ref_report.lr

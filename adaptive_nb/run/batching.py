@@ -35,7 +35,7 @@ def batch_stream(run: Run) -> Iterator[Any]:
     epoch, skip = checkpoints.skip_to()  # (0, 0) unless resuming
     while run.epochs is None or epoch < run.epochs:
         got = False
-        checkpoints.start_epoch(epoch)
+        checkpoints.start_epoch(epoch, run.data)
         for batch in run.data:
             checkpoints.position = (epoch, checkpoints.position[1] + 1)
             if not got:

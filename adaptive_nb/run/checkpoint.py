@@ -184,8 +184,23 @@ def _check_fits(
         )
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from (CUDA only when it is initialised)."""
+def loader_generators(data: Any) -> list[torch.Generator]:
+    """The DataLoader's own generators (``generator=``, its sampler's), if it has any."""
+    found: list[torch.Generator] = []
+    for obj in (
+        data,
+        getattr(data, "sampler", None),
+        getattr(getattr(data, "batch_sampler", None), "sampler", None),
+    ):
+        gen = getattr(obj, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def rng_state(generators: list[torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG a training step may draw from (CUDA only when it is initialised), and the
+    data loader's own generators."""
     np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     cuda_ready = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     return {
@@ -199,11 +214,15 @@ def rng_state() -> dict[str, Any]:
             int(np_state[3]),
             float(np_state[4]),
         ),
+        "loader": [g.get_state() for g in generators or []],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], generators: list[torch.Generator] | None = None) -> None:
     torch.set_rng_state(state["torch"])
+    saved = state.get("loader") or []
+    for gen, gen_state in zip(generators or [], saved, strict=False):
+        gen.set_state(gen_state)
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     version, internal, gauss = state["python"]
@@ -220,6 +239,7 @@ class Checkpointing:
         self.resume = options.resume
         self.epoch_rng: dict[str, Any] | None = None  # RNG at the start of the epoch
         self.position = (0, 0)  # (epoch, loader batches of it consumed) between steps
+        self.generators: list[torch.Generator] = []  # the loader's own, if any
         self._saved_at: tuple[int, int, int] | None = None
         self.written: list[Path] = []
 
@@ -257,7 +277,8 @@ class Checkpointing:
         run.step = int(state["step"])
         run.epoch = int(state["epoch"])
         pos = state["position"]
-        set_rng_state(state["epoch_rng"] if pos > 0 else state["rng"])
+        self.generators = loader_generators(run.data)
+        set_rng_state(state["epoch_rng"] if pos > 0 else state["rng"], self.generators)
 
     def skip_to(self) -> tuple[int, int]:
         """(epoch to start at, loader batches of it to skip) for a resumed run."""
@@ -268,13 +289,14 @@ class Checkpointing:
     def skipped(self) -> None:
         """The consumed batches are skipped: from now on the RNG runs as it did."""
         assert self.resume is not None
-        set_rng_state(self.resume["rng"])
+        set_rng_state(self.resume["rng"], self.generators)
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, data: Any) -> None:
         """A pass over the data begins (the loader iterator is about to be created)."""
         self.position = (epoch, 0)
         if self.enabled:
-            self.epoch_rng = rng_state()
+            self.generators = loader_generators(data)
+            self.epoch_rng = rng_state(self.generators)
 
     def end_epoch(self, epoch: int) -> None:
         """Epoch ``epoch`` and its end (evaluation, scheduler, callbacks) are done."""
@@ -289,7 +311,7 @@ class Checkpointing:
         key = (run.step, epoch, position)
         if key == self._saved_at:
             return None
-        now = rng_state()
+        now = rng_state(self.generators)
         hist = run.training.history
         scaler = run.training.precision.scaler
         sched = run.training.schedule.scheduler

@@ -390,11 +390,13 @@ class Run:
                         if real >= next_progress:
                             next_progress = real + 1.0 / PROGRESS_HZ
                             self._observers.call("on_progress", progress_of(self))
-                    self._apply_requests()
                     self._own_s += clock() - own0
                     after_step(self)  # the user's callbacks and evaluation: not overhead
                 if epoch_end is not None:
                     after_epoch(self, epoch_end.epoch)
+                own0 = clock()
+                self._apply_requests()  # also those made by the callbacks just now
+                self._own_s += clock() - own0
                 if group or epoch_end is not None:
                     last_t = self._now()  # evaluation and callbacks are not step time
                 if exhausted:
