@@ -64,6 +64,6 @@ def reference_steps(
         grads.append(
             {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         )
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         optimizer.step()
     return grads, losses

@@ -106,7 +106,9 @@ class DDPEngine(Engine):
             threads=threads,
             master_port=master_port,
         )
-        self.plan = Plan(tuple(range(world_size)), tuple(1.0 / world_size for _ in range(world_size)), 1, 0)
+        self.plan = Plan(
+            tuple(range(world_size)), tuple(1.0 / world_size for _ in range(world_size)), 1, 0
+        )
         self.last_batch = 0
         self.applied = 0  # optimizer steps the ranks have been told to apply
         self._next_step = 0  # the step index of the next forward_backward
@@ -115,6 +117,7 @@ class DDPEngine(Engine):
         self._closed = False
         self.last_wait_s: dict[int, float] = {}
         self.last_replies: dict[int, dict[str, Any]] = {}
+        self.recovered_from: int | None = None  # the rank whose state came home after a failure
 
     # -- Engine -----------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -141,7 +144,8 @@ class DDPEngine(Engine):
         self.group.start()
         try:
             self.group.send_all((ch.JOB, payload))
-            replies = self.group.gather(what="loading the job")
+            # no collective while loading: every rank answers, even after another failed
+            replies = self.group.gather(what="loading the job", stop_on=frozenset())
             failed = [r for r in replies.values() if r[0] == ch.FAILED]
             if failed:
                 _, rank, kind, message, _, _ = failed[0]
@@ -167,7 +171,11 @@ class DDPEngine(Engine):
 
     def _send_plan(self, plan: Plan, from_step: int) -> None:
         caps = tuple(plan.caps) if plan.caps else None
-        self.group.send_all((ch.PLAN, from_step, tuple(plan.shares), plan.micro_batches, caps))
+        try:
+            self.group.send_all((ch.PLAN, from_step, tuple(plan.shares), plan.micro_batches, caps))
+        except WorkerLost:
+            self._bring_home_after_failure()
+            raise
 
     def iter_batches(self, data: Any, epochs: int | None = 1) -> Iterator[BatchToken]:
         """Tokens for the loop to hand to :meth:`forward_backward` (no sample is loaded)."""
@@ -186,13 +194,11 @@ class DDPEngine(Engine):
         self._next_step = token.step
         self.last_batch = token.batch
         t0 = time.perf_counter()
-        self.group.send_all((ch.STEP, token))
-        replies = self._gather(f"step {token.step}")
+        replies = self._command((ch.STEP, token), f"step {token.step}")
         wall = time.perf_counter() - t0
         ooms = [r for r in replies.values() if r[0] == ch.OOM]
         if ooms:
-            self.group.send_all((ch.DISCARD,))
-            self._expect_ok(self._gather("discarding the step"), "discarding the step")
+            self._expect_ok(self._command((ch.DISCARD,), "discarding"), "discarding the step")
             rank, message = ooms[0][1], ooms[0][2]
             raise OutOfMemory(f"rank {rank}: {message}", device=rank)
         stats = {int(r[1]["rank"]): r[1] for r in replies.values()}
@@ -225,19 +231,21 @@ class DDPEngine(Engine):
             {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool))}
             for g in self.optimizer.param_groups
         ]
-        self.group.send_all((ch.APPLY, hyper))
+        try:
+            self.group.send_all((ch.APPLY, hyper))
+        except WorkerLost:
+            self._bring_home_after_failure()
+            raise
         self.applied += 1
         self._pending = None
 
     def rank_log(self) -> dict[int, list[tuple[int, int]]]:
         """Per rank, the ``(step, samples)`` of every forward/backward it ran."""
-        self.group.send_all((ch.LOG,))
-        return {r: list(m[2]) for r, m in self._gather("reading the logs").items()}
+        return {r: list(m[2]) for r, m in self._command((ch.LOG,), "reading the logs").items()}
 
     def gradients(self) -> dict[int, dict[str, torch.Tensor | None]]:
         """Per rank, the gradients of the last forward/backward (by parameter name)."""
-        self.group.send_all((ch.GRADS,))
-        return {r: m[2] for r, m in self._gather("reading the gradients").items()}
+        return {r: m[2] for r, m in self._command((ch.GRADS,), "reading gradients").items()}
 
     def layout_of(self, token: BatchToken) -> list[int]:
         """Samples per rank the current plan gives ``token``'s batch (as the ranks compute)."""
@@ -245,6 +253,15 @@ class DDPEngine(Engine):
         return list(rank_layout(self.plan.shares, token.batch, self.plan.micro_batches, caps).sizes)
 
     # -- replies and failures -----------------------------------------------------------------
+    def _command(self, message: tuple[Any, ...], what: str) -> dict[int, tuple[Any, ...]]:
+        """Send ``message`` to every rank and gather their replies (failures handled)."""
+        try:
+            self.group.send_all(message)
+        except WorkerLost:
+            self._bring_home_after_failure()
+            raise
+        return self._gather(what)
+
     def _gather(self, what: str) -> dict[int, tuple[Any, ...]]:
         try:
             replies = self.group.gather(what=what)
@@ -274,12 +291,12 @@ class DDPEngine(Engine):
         for rank in dict.fromkeys(order):
             try:
                 self.group.send(rank, (ch.STATE,))
-                reply = self.group.gather([rank], timeout=10.0, what="reading the state")[rank]
+                reply = self.group.receive_until(rank, ch.STATE, timeout=10.0)
             except WorkerLost:
                 continue
-            if reply[0] == ch.STATE:
-                self._load(reply[2])
-                break
+            self._load(reply[2])
+            self.recovered_from = rank
+            break
         self._running = False
         self._closed = True
         self.group.kill()  # the others may wait in a collective that never completes

@@ -123,8 +123,9 @@ class WorkerGroup:
                         f" Port {port} is in use: leave master_port unset (a free port is "
                         "chosen) or pass another one."
                     )
-                raise DDPStartError(f"rank {rank} could not join the process group: "
-                                    f"{kind}: {message}.{hint}")
+                raise DDPStartError(
+                    f"rank {rank} could not join the process group: {kind}: {message}.{hint}"
+                )
         except BaseException as exc:
             self.kill()
             if isinstance(exc, WorkerLost):
@@ -232,8 +233,7 @@ class WorkerGroup:
             ready = wait(list(pending), timeout=left)
             if not ready:
                 raise WorkerLost(
-                    f"ranks {sorted(pending.values())} sent no reply within {timeout} s "
-                    f"({what})",
+                    f"ranks {sorted(pending.values())} sent no reply within {timeout} s ({what})",
                     device=min(pending.values()),
                 )
             for conn in ready:
@@ -249,6 +249,18 @@ class WorkerGroup:
                 if reply[0] in stop_on:
                     return replies
         return replies
+
+    def receive_until(self, rank: int, kind: str, timeout: float) -> tuple[Any, ...]:
+        """The next reply of ``kind`` from ``rank``, skipping earlier replies (after a
+        failed step a rank may first answer the step); :class:`WorkerLost` on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            reply = self.gather(
+                [rank], timeout=left, what=f"a {kind!r} reply", stop_on=frozenset()
+            )[rank]
+            if reply[0] == kind:
+                return reply
 
     def alive(self) -> list[int]:
         return [r for r, p in enumerate(self.procs) if p.poll() is None]

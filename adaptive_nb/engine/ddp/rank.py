@@ -190,7 +190,9 @@ class RankJob:
 
     _in_synced = False
 
-    def _pieces(self, batch: Any, pieces: tuple[int, ...], total: int, stats: dict[str, float]) -> float:
+    def _pieces(
+        self, batch: Any, pieces: tuple[int, ...], total: int, stats: dict[str, float]
+    ) -> float:
         parts = [batch] if len(pieces) == 1 else self._split(batch, pieces)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for j, (piece, n) in enumerate(zip(parts, pieces, strict=True)):

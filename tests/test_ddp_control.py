@@ -1,0 +1,160 @@
+"""DDP engine, control and faults on a shared group of 2 CPU ranks: a new plan applies at
+the same step on every rank (from the next step, or from a named later step); an
+out-of-memory on one rank is raised only after every rank dropped the step, and the
+retry with a shifted plan applies the step exactly once; closing mid-run brings home the
+last completed step; the step's errors reach the kernel in the user's terms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from adaptive_nb.engine.ddp import DDPEngine, WorkerGroup
+from adaptive_nb.errors import LossError, OutOfMemory
+from adaptive_nb.layout import Plan
+
+from ddp_support import group_of, reference_steps, worker_children
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[WorkerGroup]:
+    with group_of(2) as g:
+        yield g
+    assert worker_children() == []
+
+
+def regress(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def small_rank1(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Rank 1 'runs out of memory' above 2 samples (a memory limit, as a GPU has)."""
+    x, y = batch
+    if dist.get_rank() == 1 and x.shape[0] > 2:
+        raise torch.OutOfMemoryError(f"CUDA out of memory: tried {x.shape[0]} samples")
+    return F.mse_loss(model(x), y)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+
+
+def data(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(size, 3, generator=g), torch.randn(size, 1, generator=g))
+            for _ in range(n)]
+
+
+def split(a: int, b: int) -> Plan:
+    return Plan((0, 1), (a / (a + b), b / (a + b)), 1, a + b)
+
+
+def test_a_new_plan_applies_at_the_same_step_on_every_rank(group: WorkerGroup) -> None:
+    batches = data(7)
+    model = net()
+    engine = DDPEngine(regress, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
+                       data=batches, group=group)
+    engine.apply_plan(split(6, 2))
+    engine.start()
+    try:
+        tokens = list(engine.iter_batches(batches, 1))
+        for token in tokens[:2]:
+            engine.forward_backward(None, token)
+            engine.optimizer_step()
+        engine.apply_plan(split(3, 5))  # from the next step (2)
+        engine.apply_plan(split(1, 7), from_step=5)  # announced ahead, for step 5 on
+        for token in tokens[2:]:
+            engine.forward_backward(None, token)
+            engine.optimizer_step()
+        logs = engine.rank_log()
+    finally:
+        engine.close()
+    assert logs[0] == [(0, 6), (1, 6), (2, 3), (3, 3), (4, 3), (5, 1), (6, 1)]
+    assert logs[1] == [(0, 2), (1, 2), (2, 5), (3, 5), (4, 5), (5, 7), (6, 7)]
+
+
+def test_out_of_memory_on_one_rank_is_retried_by_all_ranks_exactly_once(
+    group: WorkerGroup,
+) -> None:
+    batches = data(3)
+    ref = net()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    reference_steps(regress, ref, ref_opt, batches)
+
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    engine = DDPEngine(small_rank1, model=model, optimizer=optimizer, data=batches, group=group)
+    engine.start()  # the equal split gives rank 1 four samples: out of memory
+    ooms = []
+    try:
+        for token in engine.iter_batches(batches, 1):
+            while True:
+                try:
+                    out = engine.forward_backward(None, token)
+                    break
+                except OutOfMemory as err:
+                    ooms.append((token.step, err.device))
+                    # every rank has dropped the step's gradients already
+                    assert all(g is None for per_rank in engine.gradients().values()
+                               for g in per_rank.values())
+                    engine.apply_plan(split(6, 2))  # what the controller's cap does
+            assert out.device_batch == {0: 6, 1: 2}
+            engine.optimizer_step()
+        logs = engine.rank_log()
+    finally:
+        engine.close()
+    assert ooms == [(0, 1)]
+    assert logs[1] == [(0, 4), (0, 2), (1, 2), (2, 2)]  # step 0 tried twice, by both ranks
+    assert logs[0] == [(0, 4), (0, 6), (1, 6), (2, 6)]
+    assert engine.applied == 3
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_closing_mid_run_brings_home_the_last_completed_step(group: WorkerGroup) -> None:
+    batches = data(5)
+    ref = net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    reference_steps(regress, ref, ref_opt, batches[:2])
+
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = DDPEngine(regress, model=model, optimizer=optimizer, data=batches, group=group)
+    engine.start()
+    tokens = engine.iter_batches(batches, 1)
+    for _ in range(2):
+        engine.forward_backward(None, next(tokens))
+        engine.optimizer_step()
+    engine.forward_backward(None, next(tokens))  # a third step computed, never applied
+    engine.close()  # (a stop request acts here: between steps, on every rank alike)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert optimizer.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+
+
+def test_a_step_that_returns_no_tensor_is_a_loss_error(group: WorkerGroup) -> None:
+    """Checked on the ranks, before backward; it reaches the kernel as LossError. This
+    test ends the shared group (a failed step may leave ranks inside a collective), so it
+    runs last."""
+    batches = data(2)
+    model = net()
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = DDPEngine(lambda m, b: regress(m, b).item(), model=model,
+                       optimizer=torch.optim.SGD(model.parameters(), 0.1), data=batches,
+                       group=group)
+    engine.start()
+    token = next(engine.iter_batches(batches, 1))
+    with pytest.raises(LossError, match="not a loss tensor"):
+        engine.forward_backward(None, token)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert group.alive() == []
