@@ -146,3 +146,20 @@ def test_scheduler_is_not_stepped_on_an_out_of_memory_retry() -> None:
     assert sched.last_epoch == len(data)
     assert same_params(params_of(ref), params_of(model))
     assert report.summary["lr_final"] == ref_opt.param_groups[0]["lr"]
+
+
+def test_start_takes_the_same_options_in_the_background() -> None:
+    model, opt = _setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    run = adaptive_nb.start(
+        ce_step,
+        model=model,
+        optimizer=opt,
+        data=make_data(),
+        devices="cpu",
+        scheduler=sched,
+        evaluate=_val_loss,
+    )
+    report = run.wait(60)
+    assert report.lr == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    assert len(report.evaluations) == 1

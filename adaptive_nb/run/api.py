@@ -194,7 +194,8 @@ def train(
       once per *applied* optimizer step (``scheduler_interval="step"``, default) or once
       per epoch (``"epoch"``); never per micro-batch, accumulated batch or retry, and not
       after a skipped step. A ``ReduceLROnPlateau`` is stepped after each evaluation with
-      ``metrics[scheduler_metric]`` (both ``scheduler_metric`` and ``evaluate`` needed).
+      ``metrics[scheduler_metric]`` (both ``scheduler_metric`` and ``evaluate`` needed; a
+      metric the evaluation does not return stops the run at the first evaluation).
     - ``clip_grad_norm``: clip the total gradient norm to this value once per step, after
       all batches of the step and after fp16 unscaling, before ``optimizer.step``. The
       norm before clipping is in ``report.grad_norm``. A non-finite norm skips the step
@@ -208,7 +209,8 @@ def train(
     - ``evaluate``: ``evaluate(model) -> {"name": number}``, run after every epoch (or
       every ``eval_every`` optimizer steps) under ``model.eval()`` and ``torch.no_grad()``;
       metrics in ``report.evaluations``, time in ``summary["eval_s"]`` (excluded from the
-      throughput).
+      throughput). "Every epoch" means every pass over ``data`` that completes: a run
+      limited by ``steps`` within one epoch evaluates only with ``eval_every``.
     - ``callbacks``: an object (or a list of them) with any of
       ``on_step_end(step, loss, history)``, ``on_epoch_end(epoch, history)``,
       ``on_eval(metrics)``; ``history`` is the live

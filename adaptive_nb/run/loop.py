@@ -391,14 +391,15 @@ class Run:
                             next_progress = real + 1.0 / PROGRESS_HZ
                             self._observers.call("on_progress", progress_of(self))
                     self._own_s += clock() - own0
-                    after_step(self)  # the user's callbacks and evaluation: not overhead
+                hooks0 = self._now()  # callbacks, evaluation, checkpoints: not step time
+                if group:
+                    after_step(self)
                 if epoch_end is not None:
                     after_epoch(self, epoch_end.epoch)
+                last_t += self._now() - hooks0
                 own0 = clock()
                 self._apply_requests()  # also those made by the callbacks just now
                 self._own_s += clock() - own0
-                if group or epoch_end is not None:
-                    last_t = self._now()  # evaluation and callbacks are not step time
                 if exhausted:
                     break
             save_checkpoint(self)  # completed, stopped or interrupted between steps
