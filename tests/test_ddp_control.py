@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ddp_support import group_of, reference_steps, worker_children
 from torch import nn
 
 from adaptive_nb.engine.ddp import DDPEngine, WorkerGroup
 from adaptive_nb.errors import LossError, OutOfMemory
 from adaptive_nb.layout import Plan
-
-from ddp_support import group_of, reference_steps, worker_children
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,8 +50,9 @@ def net() -> nn.Module:
 
 def data(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(2)
-    return [(torch.randn(size, 3, generator=g), torch.randn(size, 1, generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 3, generator=g), torch.randn(size, 1, generator=g)) for _ in range(n)
+    ]
 
 
 def split(a: int, b: int) -> Plan:
@@ -62,8 +62,13 @@ def split(a: int, b: int) -> Plan:
 def test_a_new_plan_applies_at_the_same_step_on_every_rank(group: WorkerGroup) -> None:
     batches = data(7)
     model = net()
-    engine = DDPEngine(regress, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
-                       data=batches, group=group)
+    engine = DDPEngine(
+        regress,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        data=batches,
+        group=group,
+    )
     engine.apply_plan(split(6, 2))
     engine.start()
     try:
@@ -105,8 +110,11 @@ def test_out_of_memory_on_one_rank_is_retried_by_all_ranks_exactly_once(
                 except OutOfMemory as err:
                     ooms.append((token.step, err.device))
                     # every rank has dropped the step's gradients already
-                    assert all(g is None for per_rank in engine.gradients().values()
-                               for g in per_rank.values())
+                    assert all(
+                        g is None
+                        for per_rank in engine.gradients().values()
+                        for g in per_rank.values()
+                    )
                     engine.apply_plan(split(6, 2))  # what the controller's cap does
             assert out.device_batch == {0: 6, 1: 2}
             engine.optimizer_step()
@@ -149,9 +157,13 @@ def test_a_step_that_returns_no_tensor_is_a_loss_error(group: WorkerGroup) -> No
     batches = data(2)
     model = net()
     before = [p.detach().clone() for p in model.parameters()]
-    engine = DDPEngine(lambda m, b: regress(m, b).item(), model=model,
-                       optimizer=torch.optim.SGD(model.parameters(), 0.1), data=batches,
-                       group=group)
+    engine = DDPEngine(
+        lambda m, b: regress(m, b).item(),
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        data=batches,
+        group=group,
+    )
     engine.start()
     token = next(engine.iter_batches(batches, 1))
     with pytest.raises(LossError, match="not a loss tensor"):

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_support import group_of, reference_steps, worker_children
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaptive_nb.engine.ddp import DDPEngine, WorkerGroup
 from adaptive_nb.errors import UsageError
 from adaptive_nb.layout import Plan
-
-from ddp_support import group_of, reference_steps, worker_children
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,8 +49,10 @@ def mlp(seed: int = 0, bn: bool = False) -> nn.Module:
 
 def batches(n: int, size: int = 9, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def plan(sizes: tuple[int, ...], micro: int = 1) -> Plan:
@@ -75,8 +76,7 @@ def run_engine(
     micro: int = 1,
     **kwargs: Any,
 ) -> tuple[list[dict[int, dict[str, torch.Tensor | None]]], list[float], DDPEngine]:
-    engine = DDPEngine(classify, model=model, optimizer=optimizer, data=data, group=group,
-                       **kwargs)
+    engine = DDPEngine(classify, model=model, optimizer=optimizer, data=data, group=group, **kwargs)
     engine.apply_plan(plan(split, micro))
     engine.start()
     grads, losses = [], []
@@ -101,8 +101,9 @@ def assert_same_grads(
             for name, g in ref.items():
                 mine = grads[name]
                 assert mine is not None, (step, rank, name)
-                torch.testing.assert_close(mine, g, rtol=1e-5, atol=1e-6,
-                                           msg=f"step {step} rank {rank} {name}")
+                torch.testing.assert_close(
+                    mine, g, rtol=1e-5, atol=1e-6, msg=f"step {step} rank {rank} {name}"
+                )
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
@@ -141,8 +142,9 @@ def test_a_shuffled_dataloader_is_walked_in_the_kernel_and_loaded_by_the_ranks(
     ds = TensorDataset(x, y)
 
     def loader() -> DataLoader[Any]:
-        return DataLoader(ds, batch_size=9, shuffle=True,
-                          generator=torch.Generator().manual_seed(7))
+        return DataLoader(
+            ds, batch_size=9, shuffle=True, generator=torch.Generator().manual_seed(7)
+        )
 
     ref_model = mlp()
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
@@ -178,8 +180,9 @@ def test_sync_bn_matches_full_batch_batch_norm_on_gpus(split: tuple[int, ...]) -
 
     model = mlp(bn=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = DDPEngine(classify, model=model, optimizer=optimizer, data=data, sync_bn=True,
-                       device_ids=[0, 1])
+    engine = DDPEngine(
+        classify, model=model, optimizer=optimizer, data=data, sync_bn=True, device_ids=[0, 1]
+    )
     engine.apply_plan(plan(split))
     engine.start()
     try:
@@ -204,7 +207,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(group: WorkerGroup)
 
     model = mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    grads, losses, engine = run_engine(group, model, optimizer, data, (7, 4, 1), micro=3)
+    grads, losses, _ = run_engine(group, model, optimizer, data, (7, 4, 1), micro=3)
     assert_same_grads(grads, want_grads)
     assert losses == pytest.approx(want_losses, rel=1e-5)
 

@@ -21,13 +21,11 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_support import group_of, reference_steps, worker_children
 from torch import nn
 
-from adaptive_nb.engine.ddp import DDPEngine, DDPStartError, WorkerGroup, WorkerLost
-from adaptive_nb.engine.ddp import launcher
+from adaptive_nb.engine.ddp import DDPEngine, DDPStartError, WorkerGroup, WorkerLost, launcher
 from adaptive_nb.errors import UsageError
-
-from ddp_support import group_of, reference_steps, worker_children
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,8 +49,14 @@ def test_a_normal_run_and_close_leave_no_process() -> None:
     assert worker_children() == []
     batches = data(3)
     model = net()
-    engine = DDPEngine(regress, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
-                       data=batches, world_size=2, threads=1)
+    engine = DDPEngine(
+        regress,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        data=batches,
+        world_size=2,
+        threads=1,
+    )
     engine.prepare(model)
     pids = engine.group.pids
     assert len(worker_children()) == 2
@@ -61,8 +65,9 @@ def test_a_normal_run_and_close_leave_no_process() -> None:
         engine.optimizer_step()
     engine.close()
     assert worker_children() == []
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+    )
     assert engine.device_names() == ["rank 0 (cpu)", "rank 1 (cpu)"]
 
 
@@ -87,24 +92,36 @@ def test_a_rank_that_cannot_start_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 def test_a_job_the_ranks_cannot_import_is_a_clear_error(tmp_path: Path) -> None:
     with group_of(2) as group:
         # a module the kernel can import only after the ranks started
-        (tmp_path / "late_module.py").write_text(textwrap.dedent("""
+        (tmp_path / "late_module.py").write_text(
+            textwrap.dedent("""
             import torch.nn.functional as F
             def late_step(model, batch):
                 return F.mse_loss(model(batch[0]), batch[1])
-        """))
+        """)
+        )
         sys.path.insert(0, str(tmp_path))
         try:
             from late_module import late_step  # type: ignore[import-not-found]
         finally:
             sys.path.remove(str(tmp_path))
         model = net()
-        engine = DDPEngine(late_step, model=model, data=data(1), group=group,
-                           optimizer=torch.optim.SGD(model.parameters(), 0.1))
-        with pytest.raises(DDPStartError, match="could not load the job.*late_module"):
+        engine = DDPEngine(
+            late_step,
+            model=model,
+            data=data(1),
+            group=group,
+            optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        )
+        with pytest.raises(DDPStartError, match=r"could not load the job.*late_module"):
             engine.start()
         # the group is still usable for a job it can load
-        engine = DDPEngine(regress, model=model, data=data(1), group=group,
-                           optimizer=torch.optim.SGD(model.parameters(), 0.1))
+        engine = DDPEngine(
+            regress,
+            model=model,
+            data=data(1),
+            group=group,
+            optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        )
         engine.start()
         engine.close()
         assert len(group.alive()) == 2
@@ -120,8 +137,13 @@ def test_what_cannot_be_pickled_is_named_before_anything_starts() -> None:
             return regress(model, batch)
 
         model = net()
-        engine = DDPEngine(step, model=model, data=data(1), world_size=2,
-                           optimizer=torch.optim.SGD(model.parameters(), 0.1))
+        engine = DDPEngine(
+            step,
+            model=model,
+            data=data(1),
+            world_size=2,
+            optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        )
         with pytest.raises(UsageError) as info:
             engine.start()
     message = str(info.value)
@@ -131,8 +153,13 @@ def test_what_cannot_be_pickled_is_named_before_anything_starts() -> None:
 
     model = net()
     model.guard = threading.Lock()  # type: ignore[assignment]
-    engine = DDPEngine(regress, model=model, data=data(1), world_size=2,
-                       optimizer=torch.optim.SGD(model.parameters(), 0.1))
+    engine = DDPEngine(
+        regress,
+        model=model,
+        data=data(1),
+        world_size=2,
+        optimizer=torch.optim.SGD(model.parameters(), 0.1),
+    )
     with pytest.raises(UsageError, match=r"`model` → \.guard \(a lock"):
         engine.start()
     assert worker_children() == [] and log.getvalue() == ""
@@ -146,8 +173,9 @@ def test_a_killed_rank_ends_the_run_with_the_last_completed_step_and_no_orphans(
 
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = DDPEngine(regress, model=model, optimizer=optimizer, data=batches, world_size=2,
-                       threads=1)
+    engine = DDPEngine(
+        regress, model=model, optimizer=optimizer, data=batches, world_size=2, threads=1
+    )
     engine.start()
     tokens = list(engine.iter_batches(batches, 1))
     for token in tokens[:2]:
@@ -168,13 +196,15 @@ def test_a_killed_rank_ends_the_run_with_the_last_completed_step_and_no_orphans(
 
 def test_ranks_exit_when_the_kernel_process_dies(tmp_path: Path) -> None:
     script = tmp_path / "kernel.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys, time
         from adaptive_nb.engine.ddp import WorkerGroup
         group = WorkerGroup(2, threads=1).start()
         print(" ".join(map(str, group.pids)), flush=True)
         time.sleep(600)
-    """))
+    """)
+    )
     kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert kernel.stdout is not None

@@ -4,7 +4,8 @@
 Kernel → rank, in order on every rank (so a plan, a pause or a stop takes effect at the
 same step boundary everywhere): ``JOB`` (cloudpickled job), ``PLAN`` (from-step, shares,
 micro-batches, caps), ``STEP`` (a :class:`~.data.BatchToken`), ``APPLY`` (optimizer step,
-no reply), ``DISCARD``, ``STATE``, ``LOG``, ``GRADS`` (the step's gradients), ``END`` (drop the job), ``STOP`` (exit).
+no reply), ``DISCARD``, ``STATE``, ``LOG``, ``GRADS`` (the step's gradients), ``END``
+(drop the job), ``STOP`` (exit).
 Rank → kernel: ``HELLO``, ``OK``, ``DONE`` (step measurements), ``OOM``, ``LOST`` (cannot
 continue in step), ``FAILED`` (an error: type name, message, traceback text, the pickled
 exception when it pickles), ``STATE``, ``LOG``.

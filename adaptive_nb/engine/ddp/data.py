@@ -7,8 +7,8 @@ Supported sources (anything else is a :class:`UsageError` before anything runs):
 * a ``torch.utils.data.DataLoader`` over a map-style dataset: the dataset and its
   ``collate_fn`` are shipped to the ranks once; the kernel iterates the loader's batch
   sampler (indices only; the random stream advances exactly as in the user's own loop
-  over the loader, so a seeded shuffle gives the same order) and each token carries the global batch's indices. ``num_workers`` is
-  not used: a rank loads its slice itself.
+  over the loader, so a seeded shuffle gives the same order) and each token carries the
+  global batch's indices. ``num_workers`` is not used: a rank loads its slice itself.
 * a list or tuple of batches (nested tensors): shipped once; a token carries the batch's
   position, and a rank takes its slice of every tensor whose first dimension is the
   batch size (:func:`adaptive_nb.batches.split_nested`).

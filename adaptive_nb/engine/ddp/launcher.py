@@ -13,6 +13,7 @@ kills what is left; the ranks themselves exit when the kernel process goes away.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -54,10 +55,8 @@ def _kill(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         if p.poll() is None:
             p.kill()
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
             p.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
-            pass
 
 
 class WorkerGroup:

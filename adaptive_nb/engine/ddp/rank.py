@@ -48,21 +48,19 @@ class _HookState:
         self.last_handoff: float | None = None
 
 
-def _timed_allreduce(
-    state: _HookState, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
+def _timed_allreduce(state: _HookState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
     """DDP's default all-reduce (sum, then divide by W), stamping when it is handed over."""
     state.last_handoff = time.perf_counter()
     tensor = bucket.buffer().div_(state.world_size)
-    fut = dist.all_reduce(tensor, async_op=True).get_future()  # type: ignore[union-attr]
+    work = dist.all_reduce(tensor, async_op=True)
+    assert work is not None
+    fut: torch.futures.Future[list[torch.Tensor]] = work.get_future()
     return fut.then(lambda f: f.value()[0])
 
 
 # DDP checks a hook's annotations as objects (this module's are strings: __future__).
-_timed_allreduce.__annotations__.update(
-    bucket=dist.GradBucket, return_=None, **{"return": torch.futures.Future[torch.Tensor]}
-)
-del _timed_allreduce.__annotations__["return_"]
+_timed_allreduce.__annotations__["bucket"] = torch._C._distributed_c10d.GradBucket
+_timed_allreduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
 def _check_loss(loss: Any) -> torch.Tensor:
@@ -98,7 +96,8 @@ class RankJob:
         device_ids: list[int] = list(job.get("device_ids") or [])
         self.device = torch.device("cuda", device_ids[rank]) if device_ids else torch.device("cpu")
         if job.get("sync_bn"):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same Parameter objects
+            convert = nn.SyncBatchNorm.convert_sync_batchnorm
+            model = convert(model)  # type: ignore[no-untyped-call]  # same Parameter objects
         model.to(self.device)
         for state in self.optimizer.state.values():  # moments follow their parameter
             for key, value in state.items():
