@@ -112,9 +112,9 @@ def cpu_replicate(module: Any, n: int) -> list[Any]:
         r = m._replicate_for_data_parallel()
         r._former_parameters = OrderedDict()
         for key, param in m._parameters.items():
-            if param is not None:
-                copy = copies[j * len(params) + index[id(param)]]
-                setattr(r, key, copy)
+            copy = None if param is None else copies[j * len(params) + index[id(param)]]
+            setattr(r, key, copy)
+            if copy is not None:
                 r._former_parameters[key] = copy
         for name, child in m._modules.items():
             r._modules[name] = build(child, j)

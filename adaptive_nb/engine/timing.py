@@ -157,20 +157,22 @@ def mark_replica_backward_end(replica: nn.Module, callback: Callable[[], None]) 
     those copies would fire only when ``Broadcast``'s backward runs, after *every* replica.)
     Created just before the forward, the function also comes right after the replica's own
     nodes in autograd's order. False if ``replica`` is not a replica with parameters."""
-    slots: list[tuple[nn.Module, str, torch.Tensor]] = []
+    slots: list[tuple[dict[str, Any], Any, str, torch.Tensor]] = []
     for m in replica.modules():
-        former = getattr(m, "_former_parameters", None)
-        if not getattr(m, "_is_replica", False) or not former:
+        former = m.__dict__.get("_former_parameters")
+        if not former or not m.__dict__.get("_is_replica", False):
             continue
-        slots.extend((m, k, t) for k, t in former.items() if t is not None and t.requires_grad)
+        attrs = m.__dict__
+        slots.extend(
+            (attrs, former, k, t) for k, t in former.items() if t is not None and t.requires_grad
+        )
     if not slots:
         return False
-    unique = list({id(t): t for _, _, t in slots}.values())
+    unique = list({id(t): t for _, _, _, t in slots}.values())
     outs = _ReplicaEnd.apply(callback, *unique)  # type: ignore[no-untyped-call]
     new = {id(t): o for t, o in zip(unique, outs, strict=True)}
-    for m, key, t in slots:
-        setattr(m, key, new[id(t)])
-        m._former_parameters[key] = new[id(t)]  # type: ignore[index, operator]
+    for attrs, former, key, t in slots:  # plain attributes of a replica, as replicate set them
+        attrs[key] = former[key] = new[id(t)]
     return True
 
 
