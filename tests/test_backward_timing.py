@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -329,3 +330,14 @@ def test_on_a_real_gpu_every_phase_is_measured_from_events() -> None:
     assert set(phases) == {"forward", "backward", "loss", "optimizer"}
     assert all(v > 0 for v in phases.values()), phases
     assert out.device_time_s[0] == pytest.approx(sum(phases.values()))
+
+
+def test_the_timing_hooks_cost_script_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import timing_hooks_cost
+
+    timing_hooks_cost.main(repeats=2)
+    out = capsys.readouterr().out
+    assert "161 parameter tensors" in out and "with marks" in out

@@ -6,6 +6,7 @@ optimizers here fail on purpose, the way a CUDA out-of-memory would."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -314,3 +315,14 @@ def test_giving_up_leaves_the_model_as_before_and_says_what_was_tried() -> None:
         )
     assert "Tried: nothing (the controller could not re-plan)" in str(err.value)
     _assert_bitwise_equal(_state(model), before)
+
+
+def test_the_rollback_cost_script_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import rollback_cost
+
+    rollback_cost.main(repeats=2)
+    out = capsys.readouterr().out
+    assert "6 buffers" in out and "StepRollback.take()" in out and "% of a step" in out
