@@ -341,3 +341,22 @@ def test_the_timing_hooks_cost_script_runs(
     timing_hooks_cost.main(repeats=2)
     out = capsys.readouterr().out
     assert "161 parameter tensors" in out and "with marks" in out
+
+
+def test_an_oom_in_the_gather_on_the_primary_is_an_out_of_memory_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clocks = DeviceClocks()
+    _stub(monkeypatch, clocks)
+    engine, _ = _engine(clocks, (0.5, 0.25, 0.25))
+    released: list[int] = []
+    monkeypatch.setattr(engine, "release_device", released.append)
+
+    def gather_oom(self: Any, outs: Any, dev: int) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB. GPU 0")
+
+    monkeypatch.setattr(nn.DataParallel, "gather", gather_oom)
+    with pytest.raises(OutOfMemory) as err:
+        engine.forward_backward(_loss(clocks), _batch())
+    assert err.value.device == 0 and released == [0, 1, 2]
+    assert engine.wrapper is not None and engine.wrapper.hook_handles == []
