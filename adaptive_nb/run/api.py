@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..errors import UsageError
 from ..step import StepFn
@@ -144,14 +145,14 @@ def train(
     names: Mapping[str, str] | None = None,
     loss_name: str = "loss",
     progress: bool = False,
-    scheduler: Any = None,
+    scheduler: LRScheduler | None = None,
     scheduler_interval: str | None = None,
     scheduler_metric: str | None = None,
     clip_grad_norm: float | None = None,
     precision: str = "fp32",
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     eval_every: int | None = None,
-    callbacks: Any = None,
+    callbacks: object | Sequence[object] | None = None,
     accumulate: int = 1,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
