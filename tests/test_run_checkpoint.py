@@ -198,3 +198,12 @@ def test_a_run_stopped_by_a_callback_resumes_exactly_with_its_own_loader_generat
     model, _, _, report = _run(3, N, data=loader, checkpoint_dir=tmp_path, resume=True)
     assert same_params(params_of(ref), params_of(model))
     assert report.lr == ref_report.lr
+
+
+def test_the_report_names_the_checkpoint_and_the_resume(tmp_path: Path) -> None:
+    _run(0, 2, checkpoint_dir=tmp_path)
+    _, _, _, report = _run(0, 4, checkpoint_dir=tmp_path, resume=True)
+    html = report._repr_html_()
+    assert "Resumed from step" in html and "step-000000004.pt" in html
+    assert report.summary["resumed_from"] == str(tmp_path / "step-000000002.pt")
+    assert any("resumed from" in e.detail for e in report.events)

@@ -168,6 +168,8 @@ _SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("precision", "Precision"),
     ("accumulate", "Batches per optimizer step"),
     ("eval_s", "Evaluation time (not in throughput)"),
+    ("resumed_from_step", "Resumed from step"),
+    ("last_checkpoint", "Last checkpoint"),
     ("devices", "Devices at the end"),
     ("policy", "Policy"),
     ("reallocations", "Reallocations"),
@@ -237,7 +239,8 @@ def render_html(report: RunReport) -> str:
         if key not in s or s[key] is None:
             continue
         value = s[key]
-        if key in ("nonfinite_skipped_steps", "amp_skipped_steps", "eval_s") and not value:
+        skip_zero = ("nonfinite_skipped_steps", "amp_skipped_steps", "eval_s", "resumed_from_step")
+        if key in skip_zero and not value:
             continue
         if key in ("precision", "accumulate") and value in ("fp32", 1):
             continue
