@@ -112,6 +112,17 @@ def test_per_epoch_checkpoints_and_a_finished_run_resumes_to_nothing(tmp_path: P
     )
     assert report.summary["steps"] == 12 and report.summary["samples"] == 0
     assert same_params(before, params_of(model))
+    again = adaptive_nb.train(
+        _step,
+        model=model,
+        optimizer=opt,
+        data=_loader(),
+        epochs=3,
+        devices="cpu",
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )  # one more epoch than before: exactly one epoch is left
+    assert again.summary["steps"] == 18 and again.summary["samples"] == 96
 
 
 def test_resume_true_without_a_checkpoint_starts_from_step_0(tmp_path: Path) -> None:

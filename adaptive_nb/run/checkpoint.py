@@ -276,7 +276,10 @@ class Checkpointing:
         hist.amp_skipped_steps = int(saved["amp_skipped_steps"])
         run.step = int(state["step"])
         run.epoch = int(state["epoch"])
-        pos = state["position"]
+        pos = int(state["position"])
+        self.position = (run.epoch, pos)  # until the data moves on, this is where the run is
+        self.epoch_rng = state["epoch_rng"]
+        self._saved_at = (run.step, run.epoch, pos)  # and this checkpoint exists
         self.generators = loader_generators(run.data)
         set_rng_state(state["epoch_rng"] if pos > 0 else state["rng"], self.generators)
 
