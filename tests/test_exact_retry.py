@@ -326,3 +326,21 @@ def test_the_rollback_cost_script_runs(
     rollback_cost.main(repeats=2)
     out = capsys.readouterr().out
     assert "6 buffers" in out and "StepRollback.take()" in out and "% of a step" in out
+
+
+def test_a_buffer_the_failed_attempt_replaced_is_put_back() -> None:
+    model, opt = bn_model_and_optimizer()
+    rollback = StepRollback(model, opt)
+    original = model.bn.running_var
+    before = original.clone()
+    for _ in range(3):  # later takes reuse the first walk
+        rollback.take()
+    model.bn.running_var = torch.full((4,), 7.0)  # the attempt swapped the tensor
+    original.add_(1.0)
+    rollback.restore()
+    assert model.bn.running_var is original and torch.equal(original, before)
+    model.bn.running_var = torch.full((4,), 3.0)  # a step that swaps it for good
+    rollback.take()  # notices the kept buffer is gone and walks the model again
+    model.bn.running_var.add_(1.0)
+    rollback.restore()
+    assert torch.equal(model.bn.running_var, torch.full((4,), 3.0))

@@ -42,8 +42,27 @@ class StepRollback:
         self._foreign = [p for p in model.parameters() if id(p) not in owned]
         self._buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self._grads: list[torch.Tensor | None] = []
+        self._takes = 0
 
     def take(self) -> None:
+        """Copy the buffers into the kept copies (no allocation once shapes are known) and
+        the foreign gradients that exist. The module tree is walked on the first call and
+        again whenever a kept buffer is no longer in its module (replaced or removed), or
+        every :attr:`REWALK` calls (buffers registered later)."""
+        self._takes += 1
+        if self._stale() or self._takes % self.REWALK == 1:
+            self._walk()
+        with torch.no_grad():
+            for _, _, buf, copy in self._buffers:
+                copy.copy_(buf)
+        self._grads = [None if p.grad is None else p.grad.detach().clone() for p in self._foreign]
+
+    REWALK = 100
+
+    def _stale(self) -> bool:
+        return any(m._buffers.get(name) is not buf for m, name, buf, _ in self._buffers)
+
+    def _walk(self) -> None:
         kept: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
         old = {(id(m), name): copy for m, name, _, copy in self._buffers}
         for module in self.model.modules():
@@ -57,10 +76,8 @@ class StepRollback:
                     buf.device,
                 ):
                     copy = torch.empty_like(buf)
-                copy.copy_(buf)
                 kept.append((module, name, buf, copy))
         self._buffers = kept
-        self._grads = [None if p.grad is None else p.grad.detach().clone() for p in self._foreign]
 
     def restore(self) -> None:
         """Put every buffer (in place: replicas and user references stay valid) and every
