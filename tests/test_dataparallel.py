@@ -101,6 +101,9 @@ def test_the_wrapper_uses_two_samples_per_replica_with_batch_norm() -> None:
     positions, sizes = dp.chunk_plan(20)
     assert positions == [0, 1] and sizes == [11, 9]
     assert WeightedDataParallel(bn, [0, 1], min_chunk=1).min_chunk == 1
+    engine = _cpu_engine([0, 1])
+    engine.wrap(bn)
+    assert engine.effective_min_chunk == 2
 
 
 def test_release_device_empties_the_cache_of_that_device_only(

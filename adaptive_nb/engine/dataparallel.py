@@ -116,7 +116,8 @@ class DataParallelEngine(Engine):
         self._current: _Pending | None = None  # the step whose optimizer update is next
         self._steps = 0
         self.last_batch = 0
-        self.min_chunk = min_chunk
+        self.min_chunk = min_chunk  # None: decided from the model (default_min_chunk)
+        self.effective_min_chunk = min_chunk or 1
 
     # -- Engine ---------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -136,6 +137,7 @@ class DataParallelEngine(Engine):
         """Wrap ``model`` (already on the primary) and time it."""
         self.wrapper = WeightedDataParallel(model, self.device_ids, self.min_chunk)
         self.wrapper.on_mark = self._on_mark
+        self.effective_min_chunk = self.wrapper.min_chunk  # for planners: 2 with batch norm
         self.apply_plan(self.plan)
         return self.wrapper
 
