@@ -1,7 +1,8 @@
 """Choose the device subset, per-device shares and micro-batch count that minimise the
 predicted step time.
 
-Model (the usual affine step-time model of heterogeneous data parallelism): device ``i`` computes ``b`` samples in ``α_i + β_i·b`` seconds; a
+Model (the affine step-time model of heterogeneous data-parallel load balancing, as in
+LB-BSP, SoCC 2020): device ``i`` computes ``b`` samples in ``α_i + β_i·b`` seconds; a
 micro-step takes the slowest device plus a per-step overhead ``c0 + c1·(k−1)`` for ``k``
 devices; ``m`` micro-batches cost ``m`` micro-steps. Each chunk must fit the device's cap
 (samples per micro-step that fit its forecast free memory). Subsets are enumerated for up
