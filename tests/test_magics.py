@@ -49,8 +49,11 @@ def test_train_cell_stores_and_returns_the_report(ip: InteractiveShell) -> None:
     assert isinstance(result, RunReport)
     assert ip.user_ns["_adaptive"] is result
     assert result.summary["steps"] == 5
-    assert "model" not in ip.user_ns  # the wrapped model is not left behind
-    assert "batch" in ip.user_ns and "loss" in ip.user_ns  # as a plain loop would leave them
+    # the body's variables stay in the run's namespace, shown on the report
+    assert not {"model", "batch", "loss", "x", "y"} & set(ip.user_ns)
+    last = result.last_step  # type: ignore[attr-defined]
+    assert isinstance(last["loss"], float) and last["loss"] == result.summary["final_loss"]
+    assert set(last) >= {"batch", "x", "y"} and "model" not in last
 
 
 def test_out_and_loss_names(ip: InteractiveShell) -> None:

@@ -1,8 +1,10 @@
 """``%%adaptive_train``: a thin IPython front-end over :func:`adaptive_nb.train`.
 
-The cell body is the per-step code. It runs in the notebook's namespace with ``batch``
+The cell body is the per-step code. It reads the notebook's variables, with ``batch``
 (already on the primary device) and ``model`` (the model as wrapped for the step) bound,
-and assigns ``loss``. adaptive_nb owns zero_grad / backward / optimizer.step.
+and assigns ``loss``; what it assigns goes to a namespace of the run's own
+(:mod:`.cell_namespace`), never into the notebook's. adaptive_nb owns zero_grad /
+backward / optimizer.step.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from typing import Any
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from torch import nn
 
 from ..errors import UsageError
 from ..run.api import last_run, start, train
 from ..run.observers import BaseObserver
 from ..run.report import RunReport
+from .cell_namespace import CellStep, attach_last_step
 
 __all__ = ["AdaptiveMagics", "machine_summary"]
 
@@ -51,10 +53,11 @@ def machine_summary() -> str:
 class _StoreReport(BaseObserver):
     """Stores the report in the notebook namespace when a background run ends."""
 
-    def __init__(self, ns: dict[str, Any], out: str) -> None:
-        self._ns, self._out = ns, out
+    def __init__(self, ns: dict[str, Any], out: str, step: CellStep) -> None:
+        self._ns, self._out, self._step = ns, out, step
 
     def on_end(self, report: RunReport) -> None:
+        attach_last_step(report, self._step.last_step())
         self._ns[self._out] = report
 
 
@@ -179,11 +182,22 @@ class AdaptiveMagics(Magics):
         """Train a model with the cell body as the per-step code.
 
         The body sees the notebook's variables plus ``batch`` and ``model`` and must assign
-        ``loss`` (a scalar tensor). The RunReport is shown and stored in ``--out``.
+        ``loss`` (a scalar tensor). Call ``model(...)``, not your module's own variable:
+        ``model`` is the module as wrapped to split the batch across devices. The RunReport
+        is shown and stored in ``--out``.
+
+        What the body assigns (``batch``, ``loss``, ``x``...) stays in the run's own
+        namespace: the notebook's variables of those names are never overwritten, also
+        while a --background run trains. After the run, ``_adaptive.last_step`` (the
+        ``--out`` report) holds the body's variables as the last step left them, ``loss``
+        as a float.
 
         The body may run more than once per applied step (an out-of-memory retry re-runs
         it; micro-batches and --accumulate run it per piece): put once-per-step side
         effects in --callbacks, called exactly once per applied step.
+
+        --log SPEC streams the run to ``tensorboard:DIR``, ``mlflow`` (or ``mlflow:URI``)
+        or ``csv:PATH``; repeat it or separate specs with commas.
 
         Example::
 
@@ -267,21 +281,7 @@ class AdaptiveMagics(Magics):
         )
         ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
         loss_name = args.loss
-        missing = object()
-        saved_model = ns.get("model", missing)
-
-        def step(wrapped: nn.Module, batch: Any) -> Any:
-            ns["model"] = wrapped
-            ns["batch"] = batch
-            ns.pop(loss_name, None)
-            exec(code, ns)
-            return ns.get(loss_name)
-
-        def restore_model() -> None:
-            if saved_model is missing:
-                ns.pop("model", None)
-            else:
-                ns["model"] = saved_model
+        step = CellStep(code, ns, loss_name=loss_name, raw=model, raw_name=args.model)
 
         observers: list[Any] = []
         publisher = _status_publisher()
@@ -316,8 +316,7 @@ class AdaptiveMagics(Magics):
             **extras,
         }
         if args.background:
-            observers.append(_StoreReport(ns, args.out))
-            observers.append(_Restore(restore_model))
+            observers.append(_StoreReport(ns, args.out, step))
             run = start(step, observers=observers, **kwargs)
             print(
                 f"adaptive_nb: run {run.run_id} started in the background; "
@@ -338,7 +337,7 @@ class AdaptiveMagics(Magics):
             self._store_partial(ns, args.out, "stopped by an error", previous)
             raise
         finally:
-            restore_model()
+            attach_last_step(last_run_report(previous), step.last_step())
             if publisher is not None:
                 publisher.close()
         ns[args.out] = report
@@ -364,12 +363,13 @@ def _show_dashboard(control: Any, device_names: list[str], simulated: bool) -> A
     return show_dashboard(control, device_names, simulated)
 
 
-class _Restore(BaseObserver):
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def on_end(self, report: RunReport) -> None:
-        self._fn()
+def last_run_report(previous: Any) -> RunReport | None:
+    """The report of the run started since ``previous`` was the last one (None if none)."""
+    run = last_run()
+    if run is None or run is previous:
+        return None
+    report: RunReport | None = run.report
+    return report
 
 
 def _status_publisher() -> Any:
