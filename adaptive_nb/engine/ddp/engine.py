@@ -22,6 +22,7 @@ Loop integration (what ``run/loop.py`` must do differently when
 from __future__ import annotations
 
 import pickle
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +42,9 @@ from .payload import dumps_job
 from .scaling import rank_layout
 
 __all__ = ["DDPEngine"]
+
+# What gloo/nccl say when a peer's connection dropped (the peer died).
+_PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|NCCL.*remote", re.I)
 
 
 class DDPEngine(Engine):
@@ -113,6 +117,7 @@ class DDPEngine(Engine):
         self.applied = 0  # optimizer steps the ranks have been told to apply
         self._next_step = 0  # the step index of the next forward_backward
         self._pending: BatchToken | None = None  # forward/backward done, not yet applied
+        self._apply_hyper: list[dict[str, Any]] | None = None  # an update not yet sent
         self._running = False
         self._closed = False
         self.last_wait_s: dict[int, float] = {}
@@ -172,6 +177,7 @@ class DDPEngine(Engine):
     def _send_plan(self, plan: Plan, from_step: int) -> None:
         caps = tuple(plan.caps) if plan.caps else None
         try:
+            self._flush_apply()
             self.group.send_all((ch.PLAN, from_step, tuple(plan.shares), plan.micro_batches, caps))
         except WorkerLost:
             self._bring_home_after_failure()
@@ -223,21 +229,24 @@ class DDPEngine(Engine):
         )
 
     def optimizer_step(self) -> None:
-        """Apply the step on every rank (not waited for: the next command's reply tells
-        of any failure), with the kernel optimizer's current hyper-parameters."""
+        """Apply the step on every rank, with the kernel optimizer's hyper-parameters as
+        they are now. Sent with the next command (the next step's, usually) and not waited
+        for: that command's reply tells of any failure."""
         if self._pending is None:
             raise RuntimeError("optimizer_step() without a completed forward_backward()")
         hyper = [
             {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool))}
             for g in self.optimizer.param_groups
         ]
-        try:
-            self.group.send_all((ch.APPLY, hyper))
-        except WorkerLost:
-            self._bring_home_after_failure()
-            raise
+        self._apply_hyper = hyper  # sent with the next command (one message, one wake-up)
         self.applied += 1
         self._pending = None
+
+    def _flush_apply(self) -> None:
+        """Send the optimizer step the loop asked for, before any other command."""
+        hyper, self._apply_hyper = self._apply_hyper, None
+        if hyper is not None:
+            self.group.send_all((ch.APPLY, hyper))
 
     def rank_log(self) -> dict[int, list[tuple[int, int]]]:
         """Per rank, the ``(step, samples)`` of every forward/backward it ran."""
@@ -256,6 +265,10 @@ class DDPEngine(Engine):
     def _command(self, message: tuple[Any, ...], what: str) -> dict[int, tuple[Any, ...]]:
         """Send ``message`` to every rank and gather their replies (failures handled)."""
         try:
+            if message[0] == ch.STEP and self._apply_hyper is not None:
+                hyper, self._apply_hyper = self._apply_hyper, None
+                message = (ch.STEP, message[1], hyper)
+            self._flush_apply()
             self.group.send_all(message)
         except WorkerLost:
             self._bring_home_after_failure()
@@ -273,9 +286,30 @@ class DDPEngine(Engine):
                 self._bring_home_after_failure(prefer=int(reply[1]))
                 raise WorkerLost(reply[2], device=int(reply[1]))
             if reply[0] == ch.FAILED:
-                self._bring_home_after_failure(prefer=int(reply[1]))
+                rank = int(reply[1])
+                dead = self._dead_peer(reply[3])
+                self._bring_home_after_failure(prefer=rank)
+                if dead is not None:  # the rank only saw its peer go
+                    raise WorkerLost(
+                        f"rank {dead} died (exit code {self.group.procs[dead].poll()}) during "
+                        f"{what}; rank {rank} saw: {reply[3].splitlines()[0][:200]}",
+                        device=dead,
+                    )
                 raise _remote_error(reply)
         return replies
+
+    def _dead_peer(self, message: str) -> int | None:
+        """The rank whose death a collective's error reports (a reset connection): the
+        first process found exited within a moment, or None for any other error."""
+        if not _PEER_GONE.search(message):
+            return None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            dead = [r for r, p in enumerate(self.group.procs) if p.poll() is not None]
+            if dead:
+                return dead[0]
+            time.sleep(0.01)
+        return None
 
     def _expect_ok(self, replies: dict[int, tuple[Any, ...]], what: str) -> None:
         for reply in replies.values():
@@ -316,6 +350,7 @@ class DDPEngine(Engine):
             self._shutdown()
             return
         try:
+            self._flush_apply()
             self.group.send(0, (ch.STATE,))
             reply = self._gather_one(0, "reading the state")
             self._load(reply[2])

@@ -196,6 +196,7 @@ class WorkerGroup:
             raise DDPStartError(f"accepting the ranks failed: {errors[0]}")
         by_rank: dict[int, Connection] = {}
         for conn in got:
+            ch.no_delay(conn)
             hello = ch.get(conn)
             by_rank[int(hello[1])] = conn
         self.conns[:] = [by_rank[r] for r in range(self.world_size)]
@@ -208,8 +209,16 @@ class WorkerGroup:
             raise WorkerLost(f"rank {rank} is gone ({exc})", device=rank) from None
 
     def send_all(self, message: tuple[Any, ...]) -> None:
+        """Send to every rank still reachable, then raise for the first that is not (so
+        the ranks that live all got the same commands: an update reaches every survivor)."""
+        lost: WorkerLost | None = None
         for rank in range(self.world_size):
-            self.send(rank, message)
+            try:
+                self.send(rank, message)
+            except WorkerLost as exc:
+                lost = lost or exc
+        if lost is not None:
+            raise lost
 
     def gather(
         self,

@@ -63,6 +63,8 @@ def _serve(conn: Connection, rank: int, world_size: int) -> None:
                 job.add_plan(*msg[1:])
             elif kind == ch.STEP:
                 assert job is not None
+                if len(msg) > 2:  # the previous step's update travels with this step
+                    job.apply(msg[2])
                 try:
                     ch.put(conn, (ch.DONE, job.forward_backward(msg[1])))
                 except StepFailed as exc:
@@ -107,6 +109,7 @@ def main() -> int:
     host, port = os.environ["ADNB_DDP_KERNEL"].rsplit(":", 1)
     secret = bytes.fromhex(sys.stdin.readline().strip())
     conn = Client((host, int(port)), authkey=secret)
+    ch.no_delay(conn)
     try:
         ch.put(conn, (ch.HELLO, rank, os.getpid()))
         import torch

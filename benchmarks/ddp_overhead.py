@@ -1,0 +1,208 @@
+"""What the DDP engine costs over a plain hand-written DDP loop, on the same CPU job.
+
+Two groups of 2 gloo ranks (1 torch thread each) stay up side by side; only one computes
+at a time. Blocks of ``--steps`` steps alternate (engine, plain, engine, plain, ...;
+``--rounds`` of each) so that load from elsewhere on the machine hits both alike.
+
+* engine: :class:`adaptive_nb.engine.ddp.DDPEngine` driven step by step from this process
+  (``forward_backward`` on a token, then ``optimizer_step``), equal shares; a block ends
+  with one more round trip (``rank_log``) so its last update is counted.
+* plain: the textbook loop in fresh processes started by this file (``--plain-rank``):
+  ``DistributedDataParallel``, each rank slicing its half of the same global batch, mean
+  loss, ``backward``, ``optimizer.step``; rank 0 times the block between two barriers.
+  It shares no code with the engine.
+
+Per-step time = block wall time / steps. Prints each round's ratio engine/plain, the
+median and the spread (min–max). Goal: median ratio ≤ 1.05. Results: benchmarks/ddp_results.md.
+
+    .venv/bin/python benchmarks/ddp_overhead.py --steps 200 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCH = 256
+IN, HIDDEN, OUT = 256, 512, 10
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, OUT),
+    )
+
+
+def make_data(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(BATCH, IN, generator=g), torch.randint(0, OUT, (BATCH,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def step_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+# -- the plain loop (its own processes) ---------------------------------------------------
+def plain_rank(rank: int, world: int, batches: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    model = DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = make_data(batches)
+    per = BATCH // world
+    i = 0
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "quit":
+            break
+        n = int(cmd[1])
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = data[i % len(data)]
+            i += 1
+            xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xs), ys).backward()
+            opt.step()
+        dist.barrier()
+        if rank == 0:
+            print(time.perf_counter() - t0, flush=True)
+    dist.destroy_process_group()
+
+
+class Plain:
+    def __init__(self, world: int, batches: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--plain-rank",
+                    str(r),
+                    "--world",
+                    str(world),
+                    "--batches",
+                    str(batches),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for r in range(world)
+        ]
+
+    def block(self, steps: int) -> float:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(f"run {steps}\n")
+            p.stdin.flush()
+        assert self.procs[0].stdout is not None
+        return float(self.procs[0].stdout.readline())
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                assert p.stdin is not None
+                p.stdin.write("quit\n")
+                p.stdin.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--plain-rank", type=int, default=None)
+    args = ap.parse_args()
+    if args.plain_rank is not None:
+        plain_rank(args.plain_rank, args.world, args.batches)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from adaptive_nb.engine.ddp import DDPEngine
+
+    data = make_data(args.batches)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    engine = DDPEngine(
+        step_fn, model=model, optimizer=opt, data=data, world_size=args.world, threads=1
+    )
+    plain = Plain(args.world, args.batches)
+    engine.start()
+    epochs = (args.rounds * args.steps + 40) // args.batches + 1
+    tokens = list(engine.iter_batches(data, epochs))
+    position = 0
+
+    def engine_block(n: int) -> float:
+        nonlocal position
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.forward_backward(None, tokens[position])
+            engine.optimizer_step()
+            position += 1
+        engine.rank_log()  # one round trip: the block's last update has been applied
+        return time.perf_counter() - t0
+
+    try:
+        engine_block(20)  # warm-up of both
+        plain.block(20)
+        ratios = []
+        for r in range(args.rounds):
+            e = engine_block(args.steps) / args.steps
+            p = plain.block(args.steps) / args.steps
+            ratios.append(e / p)
+            print(
+                f"round {r}: engine {e * 1e3:.2f} ms/step, plain {p * 1e3:.2f} ms/step, "
+                f"ratio {e / p:.3f}",
+                flush=True,
+            )
+        print(
+            f"median ratio {statistics.median(ratios):.3f} "
+            f"(spread {min(ratios):.3f}–{max(ratios):.3f}, {args.rounds} rounds of "
+            f"{args.steps} steps, {args.world} ranks, batch {BATCH})"
+        )
+    finally:
+        engine.close()
+        plain.close()
+
+
+if __name__ == "__main__":
+    main()
