@@ -239,6 +239,9 @@ class DDPEngine(Engine):
             for g in self.optimizer.param_groups
         ]
         self._apply_hyper = hyper  # sent with the next command (one message, one wake-up)
+        # the step *was* taken (on the ranks): a scheduler on the kernel optimizer must not
+        # warn that it steps before the optimizer (torch reads this flag)
+        setattr(self.optimizer, "_opt_called", True)  # noqa: B010
         self.applied += 1
         self._pending = None
 
