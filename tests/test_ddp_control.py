@@ -129,6 +129,47 @@ def test_out_of_memory_on_one_rank_is_retried_by_all_ranks_exactly_once(
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_the_allocation_controller_and_the_loops_retry_drive_the_engine(
+    group: WorkerGroup,
+) -> None:
+    """The existing pieces, unchanged: AllocationController plans for the engine (its
+    ``apply_plan``/``last_batch``), and run.attempt.forward_backward retries the same token
+    after each out-of-memory the controller re-planned around (caps on rank 1)."""
+    from adaptive_nb.plan.allocation import AllocationController
+    from adaptive_nb.run.attempt import forward_backward
+
+    batches = data(3)
+    ref = net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    reference_steps(regress, ref, ref_opt, batches)
+
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = DDPEngine(small_rank1, model=model, optimizer=optimizer, data=batches, group=group)
+    controller = AllocationController(engine, snapshots=None)
+    engine.prepare(model)
+    recovered = 0
+    try:
+        for token in engine.iter_batches(batches, 1):
+            outcome, ooms = forward_backward(
+                lambda token=token: engine.forward_backward(None, token),
+                lambda: None,
+                on_oom=lambda e, step=token.step: controller.on_oom(e, 0.0, step),
+                on_device_failure=lambda e, step=token.step: controller.on_device_failure(
+                    e, 0.0, step
+                ),
+            )
+            recovered += ooms
+            controller.observe(outcome)
+            assert outcome.samples == 8  # (rank 1 may now run its share as micro-batches)
+            engine.optimizer_step()
+    finally:
+        engine.close()
+    assert recovered >= 1 and engine.applied == 3
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_closing_mid_run_brings_home_the_last_completed_step(group: WorkerGroup) -> None:
     batches = data(5)
     ref = net()
