@@ -173,3 +173,16 @@ def test_kernel_interrupt_keeps_the_partial_report(ip: InteractiveShell) -> None
     assert report.summary["steps"] == 3
     assert report.summary["ended"] == "interrupted"
     assert "model" not in ip.user_ns
+
+
+def test_log_option_repeated_and_comma_separated(ip: InteractiveShell, tmp_path: Any) -> None:
+    a, b, tb = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "tb"
+    ip.run_cell_magic(
+        "adaptive_train", f"{OPTS} --steps 3 --log csv:{a},tensorboard:{tb} --log csv:{b}", BODY
+    )
+    for path in (a, b):
+        steps = [ln.split(",")[1] for ln in path.read_text().splitlines() if ",loss," in ln]
+        assert steps == ["1", "2", "3"]
+    assert any(tb.iterdir())
+    with pytest.raises(IPythonUsageError, match="unknown logger 'wandb'"):
+        ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 3 --log wandb", BODY)

@@ -177,6 +177,14 @@ class AdaptiveMagics(Magics):
         help="continue from the newest checkpoint in --checkpoint DIR (--steps/--epochs count "
         "from the start of the training)",
     )
+    @argument(
+        "--log",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="stream the run to tensorboard:DIR | mlflow | mlflow:URI | csv:PATH (repeat "
+        "or separate with commas)",
+    )
     @cell_magic
     def adaptive_train(self, line: str, cell: str) -> RunReport | None:
         """Train a model with the cell body as the per-step code.
@@ -313,6 +321,7 @@ class AdaptiveMagics(Magics):
             "checkpoint_every": args.checkpoint_every,
             "keep": args.keep,
             "resume": True if args.resume else None,
+            "log": args.log,
             **extras,
         }
         if args.background:

@@ -20,7 +20,9 @@ from ..errors import UsageError
 from ..step import StepFn
 from . import slot
 from .backend import build_backend
+from .callbacks import check_callbacks
 from .control import RunControl
+from .loggers import build_loggers
 from .loop import Run
 from .observers import Observer
 from .plugins import DashboardFactory, dashboard_factory
@@ -66,6 +68,7 @@ def _prepare(
     checkpoint_every: int | None = None,
     keep: int | None = None,
     resume: Any = None,
+    log: Any = None,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -75,6 +78,10 @@ def _prepare(
     if not control_interval > 0:
         raise UsageError(f"control_interval must be positive, got {control_interval}.")
     spec = parse_devices(devices)
+    loggers = build_loggers(log)
+    if loggers:  # loggers are callbacks too: exact loss, lr and metrics of every step
+        user_callbacks = check_callbacks(callbacks, (names or {}).get("callbacks", "callbacks"))
+        callbacks = [*user_callbacks, *loggers]
     options = check_training_options(
         optimizer=optimizer,
         device_kind=spec.kind,
@@ -101,7 +108,7 @@ def _prepare(
         spec, policy=policy, headroom=float(headroom), control_interval=control_interval
     )
     control = control or RunControl()
-    all_observers = list(observers)
+    all_observers = [*observers, *loggers]
     if widget:
         factory = widget if callable(widget) else dashboard_factory()
         all_observers.append(factory(control, engine.device_names(), engine.simulated))
@@ -158,6 +165,7 @@ def train(
     checkpoint_every: int | None = None,
     keep: int | None = None,
     resume: bool | str | os.PathLike[str] | None = None,
+    log: str | Sequence[str] | None = None,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -229,6 +237,12 @@ def train(
       same call with ``resume=True`` finishes what is left, bit-for-bit on CPU as if it
       had never stopped (consumed batches of the epoch are skipped in the same order).
 
+    - ``log``: stream the run to ``"tensorboard:DIR"``, ``"mlflow"`` / ``"mlflow:URI"``
+      or ``"csv:PATH"`` (a list, or comma-separated): loss, learning rate and gradient
+      norm of every committed step, throughput, per-device shares, utilisation and
+      memory per control tick, evaluation metrics, and events as text
+      (:mod:`adaptive_nb.run.loggers`). A logger that fails stops logging, never training.
+
     **The step body may run more than once per applied step**: an out-of-memory retry
     re-runs it on the same batch, and micro-batches and accumulated batches run it once
     per piece. Side effects that must happen once per step (logging, counters, saving)
@@ -267,6 +281,7 @@ def train(
         checkpoint_every=checkpoint_every,
         keep=keep,
         resume=resume,
+        log=log,
     )
     slot.set_last(run)
     return run.execute()
