@@ -10,8 +10,6 @@ dashboard: training never stops because of it.
 
 from __future__ import annotations
 
-import contextlib
-import html
 import logging
 import math
 import re
@@ -32,6 +30,7 @@ from .controls import RunControls
 from .figures import DashboardFigures
 from .texts import DashboardText
 from .texts import completed as _completed
+from .throttle import ThrottledFlush
 
 if TYPE_CHECKING:
     from ...monitor.snapshot import Snapshot
@@ -45,7 +44,7 @@ _POLICY_WORD = re.compile(r"\b(adaptive|weights|static)\b")
 _CONTROL_KINDS = {EventKind.PAUSE, EventKind.RESUME, EventKind.STOP}
 
 
-class Dashboard(DashboardText, BaseObserver):
+class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
     """Live plots, progress, event log and controls of one run.
 
     ``Dashboard(control, device_names, simulated, update_hz=4.0)``: pass it to
@@ -274,81 +273,6 @@ class Dashboard(DashboardText, BaseObserver):
         with self._lock:
             self._note = text
         self._request_flush()
-
-    # -- throttled flushing --------------------------------------------------------------
-    def _request_flush(self, force: bool = False) -> None:
-        with self._lock:
-            self._dirty = True
-        if self.disabled:
-            return
-        now = self._clock()
-        if force or now - self._last_flush >= self.min_interval:
-            self._flush(blocking=force)
-        else:
-            self._arm_timer(self._last_flush + self.min_interval - now)
-
-    def _arm_timer(self, delay: float) -> None:
-        if not self._use_timer or self._ended is not None:
-            return
-        with self._lock:
-            if self._timer is not None:
-                return
-            timer = threading.Timer(max(0.0, delay), self._on_timer)
-            timer.daemon = True
-            self._timer = timer
-        timer.start()
-
-    def _on_timer(self) -> None:
-        with self._lock:
-            self._timer = None
-        if not self.disabled and self._dirty:
-            self._request_flush()
-
-    def _cancel_timer(self) -> None:
-        with self._lock:
-            timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
-
-    def flush(self) -> None:
-        """Send the current state to the widgets now (ignores throttling)."""
-        self._request_flush(force=True)
-
-    def _flush(self, blocking: bool) -> None:
-        if not self._flush_lock.acquire(blocking=blocking):
-            self._arm_timer(self.min_interval)
-            return
-        t0 = time.perf_counter()
-        try:
-            with self._lock:
-                self._dirty = False
-                self._last_flush = self._clock()
-                state = self._state()
-            self._render(state)
-            self.flushes += 1
-            self.flush_s += time.perf_counter() - t0
-        except Exception as exc:  # never let the display stop training
-            self._fail(exc)
-        finally:
-            self._flush_lock.release()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.disabled:
-            return
-        self.disabled = True
-        self._cancel_timer()
-        log.warning(
-            "adaptive_nb dashboard stopped updating after a display error "
-            "(training continues): %s: %s",
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-        )
-        with contextlib.suppress(Exception):
-            self.status.value = (
-                "<span style='color:#b91c1c'>dashboard stopped updating after a display "
-                f"error ({html.escape(type(exc).__name__)}); training continues</span>"
-            )
 
     # -- rendering (holds _flush_lock) ----------------------------------------------------
     def _state(self) -> dict[str, Any]:
