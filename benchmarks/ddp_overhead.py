@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 BATCH = 256
-IN, HIDDEN, OUT = 256, 512, 10
+IN, HIDDEN, OUT = 256, 512, 10  # --batch / --hidden change BATCH / HIDDEN
+
+
+def set_size(batch: int, hidden: int) -> None:
+    global BATCH, HIDDEN
+    BATCH, HIDDEN = batch, hidden
 
 
 def make_model() -> nn.Module:
@@ -112,6 +117,10 @@ class Plain:
                     str(world),
                     "--batches",
                     str(batches),
+                    "--batch",
+                    str(BATCH),
+                    "--hidden",
+                    str(HIDDEN),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -150,8 +159,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--plain-rank", type=int, default=None)
     args = ap.parse_args()
+    set_size(args.batch, args.hidden)
     if args.plain_rank is not None:
         plain_rank(args.plain_rank, args.world, args.batches)
         return
@@ -184,11 +196,13 @@ def main() -> None:
     try:
         engine_block(20)  # warm-up of both
         plain.block(20)
-        ratios = []
+        ratios: list[float] = []
+        diffs: list[float] = []
         for r in range(args.rounds):
             e = engine_block(args.steps) / args.steps
             p = plain.block(args.steps) / args.steps
             ratios.append(e / p)
+            diffs.append(e - p)
             print(
                 f"round {r}: engine {e * 1e3:.2f} ms/step, plain {p * 1e3:.2f} ms/step, "
                 f"ratio {e / p:.3f}",
@@ -197,7 +211,8 @@ def main() -> None:
         print(
             f"median ratio {statistics.median(ratios):.3f} "
             f"(spread {min(ratios):.3f}–{max(ratios):.3f}, {args.rounds} rounds of "
-            f"{args.steps} steps, {args.world} ranks, batch {BATCH})"
+            f"{args.steps} steps, {args.world} ranks, batch {BATCH}, hidden {HIDDEN}); "
+            f"median difference {statistics.median(diffs) * 1e3:.2f} ms/step"
         )
     finally:
         engine.close()

@@ -16,13 +16,14 @@ Loop integration (what ``run/loop.py`` must do differently when
    ``clip_grad_norm`` option (the kernel holds no gradients);
 4. on :class:`~.errors.WorkerLost` stop cleanly (no re-plan: a rank cannot be dropped
    without restarting the group); ``close()`` then loads the last completed step into
-   the notebook's model and optimizer.
+   the notebook's model and optimizer;
+5. pause/stop need nothing: the ranks run only the commands the loop sends, so the loop's
+   step boundary is every rank's. Not covered yet (refuse with this engine):
+   ``accumulate`` > 1 and ``precision`` (they act on gradients the kernel does not hold).
 """
 
 from __future__ import annotations
 
-import pickle
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,21 +31,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import LossError, OutOfMemory, UsageError
+from ...errors import OutOfMemory, UsageError
 from ...layout import Plan
 from ...step import StepFn, StepOutcome
 from ..base import Engine
 from . import channel as ch
 from .data import BatchToken, describe_data, iter_tokens
-from .errors import DDPStartError, WorkerLost
+from .errors import DDPStartError, WorkerLost, remote_error
 from .launcher import WorkerGroup
 from .payload import dumps_job
 from .scaling import rank_layout
 
 __all__ = ["DDPEngine"]
-
-# What gloo/nccl say when a peer's connection dropped (the peer died).
-_PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|NCCL.*remote", re.I)
 
 
 class DDPEngine(Engine):
@@ -290,7 +288,7 @@ class DDPEngine(Engine):
                 raise WorkerLost(reply[2], device=int(reply[1]))
             if reply[0] == ch.FAILED:
                 rank = int(reply[1])
-                dead = self._dead_peer(reply[3])
+                dead = self.group.dead_rank(reply[3])
                 self._bring_home_after_failure(prefer=rank)
                 if dead is not None:  # the rank only saw its peer go
                     raise WorkerLost(
@@ -298,26 +296,13 @@ class DDPEngine(Engine):
                         f"{what}; rank {rank} saw: {reply[3].splitlines()[0][:200]}",
                         device=dead,
                     )
-                raise _remote_error(reply)
+                raise remote_error(reply)
         return replies
-
-    def _dead_peer(self, message: str) -> int | None:
-        """The rank whose death a collective's error reports (a reset connection): the
-        first process found exited within a moment, or None for any other error."""
-        if not _PEER_GONE.search(message):
-            return None
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            dead = [r for r, p in enumerate(self.group.procs) if p.poll() is not None]
-            if dead:
-                return dead[0]
-            time.sleep(0.01)
-        return None
 
     def _expect_ok(self, replies: dict[int, tuple[Any, ...]], what: str) -> None:
         for reply in replies.values():
             if reply[0] == ch.FAILED:
-                raise _remote_error(reply)
+                raise remote_error(reply)
             if reply[0] != ch.OK:
                 raise RuntimeError(f"unexpected reply while {what}: {reply[0]!r}")
 
@@ -363,7 +348,7 @@ class DDPEngine(Engine):
     def _gather_one(self, rank: int, what: str) -> tuple[Any, ...]:
         reply = self.group.gather([rank], what=what)[rank]
         if reply[0] == ch.FAILED:
-            raise _remote_error(reply)
+            raise remote_error(reply)
         return reply
 
     def _shutdown(self) -> None:
@@ -380,19 +365,3 @@ class DDPEngine(Engine):
                 self.group.kill()
         else:
             self.group.kill()
-
-
-def _remote_error(reply: tuple[Any, ...]) -> BaseException:
-    """The error a rank reported, as the user's own exception type where it unpickles."""
-    _, rank, kind, message, text, blob = reply
-    exc: BaseException | None = None
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:
-            exc = None
-    if exc is None:
-        exc = LossError(message) if kind == "LossError" else RuntimeError(f"{kind}: {message}")
-    if hasattr(exc, "add_note"):
-        exc.add_note(f"(raised on DDP rank {rank})\n{text}")
-    return exc

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -34,6 +35,9 @@ from .errors import DDPStartError, WorkerLost
 __all__ = ["WorkerGroup", "free_port"]
 
 _WORKER_MODULE = __name__.rpartition(".")[0] + ".worker"
+
+# What gloo/nccl say when a peer's connection dropped (the peer died).
+_PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|NCCL.*remote", re.I)
 
 
 def free_port() -> int:
@@ -269,6 +273,19 @@ class WorkerGroup:
             )[rank]
             if reply[0] == kind:
                 return reply
+
+    def dead_rank(self, message: str) -> int | None:
+        """The rank whose death a collective's error reports (a reset connection): the
+        first process found exited within a moment, or None for any other error."""
+        if not _PEER_GONE.search(message):
+            return None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+            if dead:
+                return dead[0]
+            time.sleep(0.01)
+        return None
 
     def alive(self) -> list[int]:
         return [r for r, p in enumerate(self.procs) if p.poll() is None]
