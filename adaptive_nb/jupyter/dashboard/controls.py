@@ -59,7 +59,10 @@ class RunControls:
         policy: str = "adaptive",
         headroom: float = 0.1,
         note: Callable[[str], None] | None = None,
+        delivery: str = "",
     ) -> None:
+        """``delivery``: why clicks cannot reach the kernel during a cell (see
+        :mod:`.click_delivery`); empty when they can or it is unknown."""
         self.control = control
         self._note = note or (lambda _text: None)
         self._syncing = False
@@ -142,6 +145,12 @@ class RunControls:
                     layout=widgets.Layout(align_items="center", flex_flow="row wrap"),
                 )
             )
+        self.delivery_note = widgets.HTML(
+            f"<span style='font-size:12px;color:#b45309'>⚠ {delivery}</span>" if delivery else "",
+            layout=widgets.Layout(display="" if delivery else "none"),
+        )
+        self.delivery_note.add_class("adaptive-nb-delivery-note")
+        rows.append(self.delivery_note)
         self.widget = widgets.VBox(rows)
 
     # -- handlers (any thread): only RunControl calls ----------------------------------
@@ -205,6 +214,12 @@ class RunControls:
                 self.policy.value = policy
             finally:
                 self._syncing = False
+
+    def show_delivery(self, *, background: bool) -> None:
+        """Hide the delivery note for a background run (its cell has ended, clicks arrive)."""
+        display = "none" if background or not self.delivery_note.value else ""
+        if self.delivery_note.layout.display != display:
+            self.delivery_note.layout.display = display
 
     def widgets(self) -> list[widgets.Widget]:
         return [

@@ -27,6 +27,8 @@ _KIND_LABELS = {
     "interrupt": ("interrupted", "#dc2626"),
     "error": ("error", "#dc2626"),
     "notice": ("notice", "#6b7280"),
+    "nonfinite": ("step skipped", "#dc2626"),
+    "eval": ("evaluation", "#0d9488"),
     "end": ("end", "#6b7280"),
 }
 

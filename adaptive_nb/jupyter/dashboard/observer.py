@@ -25,8 +25,10 @@ import ipywidgets as widgets
 from ...events import Event, EventKind, Progress, RunInfo, TickRecord
 from ...run.control import RunControl
 from ...run.observers import BaseObserver
+from . import click_delivery
 from .buffers import MultiSeries, Series
 from .controls import RunControls
+from .curves import TrainingCurves
 from .figures import DashboardFigures
 from .texts import DashboardText
 from .texts import completed as _completed
@@ -102,11 +104,13 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
         self._policy = policy
         self._note = ""
         self._monitor_t0: float | None = None
+        self._skipped = 0  # optimizer steps skipped for non-finite gradients
+        self._background = False  # the run trains on a thread of its own
 
-        self._build(policy, headroom)
+        self._build(policy, headroom, max_points)
 
     # -- layout -------------------------------------------------------------------------
-    def _build(self, policy: str, headroom: float) -> None:
+    def _build(self, policy: str, headroom: float, max_points: int) -> None:
         self.header = widgets.HTML(self._header_html())
         self.progress_bar = widgets.FloatProgress(
             value=0.0,
@@ -118,14 +122,19 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
         self.stats = widgets.HTML(self._stats_html())
         self.status = widgets.HTML(self._status_html())
         self.figures = DashboardFigures(self.device_names, show_training=not self.monitor_only)
+        self.curves: TrainingCurves | None = None
+        if not self.monitor_only:
+            self.curves = TrainingCurves(self.figures.sync, max_points)
         self.controls: RunControls | None = None
         if self.control is not None:
+            live, why = click_delivery.clicks_during_cell()
             self.controls = RunControls(
                 self.control,
                 self.device_names,
                 policy=policy,
                 headroom=headroom,
                 note=self.note,
+                delivery=click_delivery.DELIVERY_NOTE.format(why=why) if live is False else "",
             )
         self.event_log = widgets.HTML(self._events_html([]))
         log_box = widgets.Box(
@@ -135,7 +144,7 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
             ),
         )
         grid = widgets.GridBox(
-            self.figures.panels(),
+            self.figures.panels() + ([self.curves.panel] if self.curves is not None else []),
             layout=widgets.Layout(grid_template_columns="repeat(2, minmax(300px, 1fr))"),
         )
         progress_row = widgets.HBox(
@@ -164,6 +173,7 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
         with self._lock:
             self._info = info
             self._policy = info.policy
+            self._background = threading.current_thread() is not threading.main_thread()
             self.simulated = self.simulated or info.simulated
             if info.devices:
                 self.device_names = list(info.devices)
@@ -177,6 +187,8 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
             self._paused = progress.paused
             self._tput.append(progress.elapsed_s, progress.samples_per_s)
             self._loss.append(progress.elapsed_s, progress.loss)
+            if self.curves is not None:
+                self.curves.record_lr(progress.step, progress.lr)
         self._request_flush()
 
     def on_tick(self, record: TickRecord) -> None:
@@ -206,6 +218,10 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
                 self._paused = True
             elif event.kind in (EventKind.RESUME, EventKind.STOP):
                 self._paused = False
+            elif event.kind == EventKind.NONFINITE:
+                self._skipped += 1
+            elif event.kind == EventKind.EVAL and self.curves is not None:
+                self.curves.record_eval(event.step, event.detail)
             elif event.kind == EventKind.POLICY:
                 words = _POLICY_WORD.findall(event.detail)
                 if words:
@@ -234,6 +250,10 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
                     eta_s=None,
                     loss=summary.get("final_loss", p.loss),
                     paused=False,
+                )
+            if self.curves is not None:
+                self.curves.record_report(
+                    getattr(report, "lr", []), getattr(report, "evaluations", [])
                 )
             timeline = getattr(report, "timeline", None)
             if timeline and self._tick is None:
@@ -296,12 +316,15 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
             "ended": self._ended,
             "policy": self._policy,
             "note": self._note,
+            "curves": self.curves.state() if self.curves is not None else None,
+            "skipped": self._skipped,
+            "background": self._background,
         }
 
     def _render(self, s: dict[str, Any]) -> None:
         sync = self.figures.sync
         sync.set(self.header, value=self._header_html(s["info"], s["policy"]))
-        self._render_progress(s["progress"], s["info"], s["ended"])
+        self._render_progress(s["progress"], s["info"], s["ended"], s["skipped"])
         p: Progress | None = s["progress"]
         where = ""
         if p is not None and s["ended"] is not None and not _completed(s["ended"]):
@@ -321,13 +344,18 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
         tx, tys, lys = s["tput"]
         if tx and not self.monitor_only:
             self.figures.update_throughput(tx, tys, lys)
+        if self.curves is not None and s["curves"] is not None:
+            self.curves.update(s["curves"])
         sync.set(self.event_log, value=self._events_html(s["events"], s["events_total"]))
         if self.controls is not None:
             self.controls.show_state(
                 paused=s["paused"], ended=s["ended"] is not None, policy=s["policy"]
             )
+            self.controls.show_delivery(background=s["background"])
 
-    def _render_progress(self, p: Progress | None, info: RunInfo | None, ended: str | None) -> None:
+    def _render_progress(
+        self, p: Progress | None, info: RunInfo | None, ended: str | None, skipped: int = 0
+    ) -> None:
         sync = self.figures.sync
         total = p.total_steps if p is not None else (info.total_steps if info else None)
         epochs = info.epochs if info is not None else None
@@ -349,7 +377,7 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
         elif p is not None and p.paused:
             style = "warning"
         sync.set(self.progress_bar, max=maximum, value=value, bar_style=style)
-        sync.set(self.stats, value=self._stats_html(p, info, ended))
+        sync.set(self.stats, value=self._stats_html(p, info, ended, skipped))
 
 
 def _same_event(a: Event, b: Event) -> bool:

@@ -58,7 +58,11 @@ class DashboardText:
         )
 
     def _stats_html(
-        self, p: Progress | None = None, info: RunInfo | None = None, ended: str | None = None
+        self,
+        p: Progress | None = None,
+        info: RunInfo | None = None,
+        ended: str | None = None,
+        skipped: int = 0,
     ) -> str:
         if self.monitor_only:
             tick = self._tick
@@ -82,6 +86,13 @@ class DashboardText:
         ]
         if p.loss is not None:
             items.append(f"loss {fmt_number(p.loss, 4)}")
+        if p.lr is not None:
+            items.append(f"lr {fmt_number(p.lr, 3)}")
+        if skipped:
+            items.append(
+                f"<span style='color:#dc2626'>{skipped} step{'s' if skipped != 1 else ''} "
+                "skipped (non-finite gradients)</span>"
+            )
         sep = " <span style='color:#9ca3af'>·</span> "
         return f"<span style='font-size:13px'>{sep.join(items)}</span>"
 
