@@ -192,9 +192,9 @@ def test_closing_mid_run_brings_home_the_last_completed_step(group: WorkerGroup)
 
 
 def test_a_step_that_returns_no_tensor_is_a_loss_error(group: WorkerGroup) -> None:
-    """Checked on the ranks, before backward; it reaches the kernel as LossError. This
-    test ends the shared group (a failed step may leave ranks inside a collective), so it
-    runs last."""
+    """Checked on the ranks, before backward; it reaches the kernel as LossError. The
+    failed step ends the shared group (a rank may be left inside a collective); the next
+    engine on it starts new processes. Runs last in this module."""
     batches = data(2)
     model = net()
     before = [p.detach().clone() for p in model.parameters()]
@@ -211,3 +211,17 @@ def test_a_step_that_returns_no_tensor_is_a_loss_error(group: WorkerGroup) -> No
         engine.forward_backward(None, token)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert group.alive() == []
+    # the step fixed, the next engine on the same group starts it afresh
+    fixed = DDPEngine(
+        regress,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), 0.1),
+        data=batches,
+        group=group,
+    )
+    fixed.start()
+    assert len(group.alive()) == 2 and len(group.pids) == 2
+    fixed.forward_backward(None, token)
+    fixed.optimizer_step()
+    fixed.close()
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

@@ -51,7 +51,9 @@ class DDPEngine(Engine):
     ``step``, ``model``, ``optimizer`` and ``data`` are the user's objects: copies go to
     every rank at :meth:`start`; at :meth:`close` the model and optimizer get the state of
     the last completed step. ``group``: an already started :class:`WorkerGroup` to reuse
-    (it is left running at close); otherwise the engine starts and stops its own.
+    (it is left running at close); otherwise the engine starts and stops its own. A
+    failed step ends the group even when shared (a rank may be stuck in a collective);
+    the next engine on it starts fresh processes.
     ``device_ids``: one CUDA device per rank (nccl); default the CPU (gloo)."""
 
     owns_optimizer_step = True

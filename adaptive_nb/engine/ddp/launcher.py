@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,6 +111,9 @@ class WorkerGroup:
         """Start the ranks and wait until each has joined the process group."""
         if self.started:
             return self
+        _kill(self.procs)  # a group killed after a failure starts afresh
+        self.procs.clear()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         secret = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=secret)
         port = self.master_port if self.master_port is not None else free_port()
@@ -307,6 +311,7 @@ class WorkerGroup:
                     break
         finally:
             self.kill()
+            shutil.rmtree(self.log_dir, ignore_errors=True)  # kept after failures only
 
     def kill(self) -> None:
         """Kill every rank still running and close the connections (idempotent)."""
