@@ -1,0 +1,134 @@
+"""The real-workload example notebooks run headless in their short form and do what they say.
+
+Each runs on this interpreter's kernelspec with ``ADAPTIVE_NB_EXAMPLE_FAST=1`` in a copy of
+``examples/`` under the test's temporary folder, so their ``../build`` output (reports,
+checkpoints) lands there, not in the checkout. The assertions read the exported reports and
+the lines the notebooks print; the thresholds are far from what the seeded short runs reach
+(digits: ~98% validation accuracy; transformer: training loss ~4.2 → ~2.8)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from conftest import NotebookKernel
+
+from adaptive_nb import RunReport
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("sklearn", reason="the digits notebook needs scikit-learn (test extra)")
+
+
+@dataclass
+class Executed:
+    text: str  # every stream output, in order
+    html: list[str]  # every text/html output
+    build: Path  # the notebook's ../build
+
+
+def execute(name: str, tmp_path: Path, kernel: NotebookKernel) -> Executed:
+    out, work = tmp_path / "out", tmp_path / "examples"
+    env = kernel.env()
+    env["ADAPTIVE_NB_EXAMPLE_FAST"] = "1"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "execute.py"),
+            str(ROOT / "examples" / f"{name}.ipynb"),
+            str(out),
+            "--kernel",
+            kernel.name,
+            "--workdir",
+            str(work),
+        ],
+        check=True,
+        timeout=600,
+        env=env,
+    )
+    nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    assert not errors, errors[0].get("evalue")
+    text = "\n".join(o.get("text", "") for o in outputs)
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    return Executed(text=text, html=html, build=tmp_path / "build")
+
+
+def number_after(pattern: str, text: str) -> list[float]:
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in the notebook's output:\n{text[-2000:]}"
+    return [float(g) for g in found.groups()]
+
+
+def test_digits_cnn_trains_stops_resumes_and_learns(
+    tmp_path: Path, nb_kernel: NotebookKernel
+) -> None:
+    nb = execute("digits_cnn", tmp_path, nb_kernel)
+    first = RunReport.from_json(nb.build / "digits_cnn_first_part.json")
+    resumed = RunReport.from_json(nb.build / "digits_cnn_report.json")
+    train_images, batches, epochs = 1797 - 360, 23, 4  # the notebook's split and FAST form
+    half = epochs * batches // 2 + batches // 3
+    assert first.summary["ended"] == "completed" and first.summary["steps"] == half
+    # the second run picked up the first one's last checkpoint, mid-epoch
+    resumed_at = [e.detail for e in resumed.events if e.detail.startswith("resumed from")]
+    assert len(resumed_at) == 1 and f"step-{half:09d}.pt at step {half} " in resumed_at[0]
+    assert resumed.summary["ended"] == "completed"
+    assert resumed.summary["steps"] == epochs * batches
+    # no batch lost or trained twice across the stop: the two parts add up to the epochs
+    assert first.summary["samples"] + resumed.summary["samples"] == epochs * train_images
+    # one evaluation per epoch, the history carried over from the first part
+    assert [e["epoch"] for e in resumed.evaluations] == list(range(epochs))
+    # warm-up then cosine decay, one learning rate per applied step
+    lrs = resumed.lr
+    assert len(lrs) == epochs * batches
+    assert lrs[0] < max(lrs) / 5 and lrs[-1] < max(lrs) / 100
+    assert resumed.summary["grad_norm_max"] is not None  # --clip-grad-norm measured the norms
+    (accuracy,) = number_after(r"final validation accuracy: ([\d.]+)", nb.text)
+    assert accuracy > 0.8  # chance is 0.1; the seeded short run reaches ~0.98
+    assert any("adaptive_nb run report" in h for h in nb.html)
+
+
+def test_tiny_transformer_returns_its_own_loss_and_the_loss_falls(
+    tmp_path: Path, nb_kernel: NotebookKernel
+) -> None:
+    nb = execute("tiny_transformer", tmp_path, nb_kernel)
+    report = RunReport.from_json(nb.build / "tiny_transformer_report.json")
+    assert report.summary["ended"] == "completed" and report.summary["steps"] == 50
+    assert report.summary["precision"] == "bf16"
+    assert [e["step"] for e in report.evaluations] == [25, 50]
+    first, last = number_after(
+        r"training loss: first \d+ steps ([\d.]+), last \d+ steps ([\d.]+)", nb.text
+    )
+    assert last < first - 0.5  # ~4.2 → ~2.8 in the seeded short run
+    before, after = number_after(r"validation loss: before ([\d.]+), after ([\d.]+)", nb.text)
+    assert after < before - 0.5
+    assert report.evaluations[-1]["metrics"]["val_loss"] == pytest.approx(after, abs=1e-3)
+
+
+def test_resnet_throughput_reports_devices_shares_and_throughput(
+    tmp_path: Path, nb_kernel: NotebookKernel
+) -> None:
+    nb = execute("resnet_throughput", tmp_path, nb_kernel)
+    report = RunReport.from_json(nb.build / "resnet_throughput_report.json")
+    assert report.summary["ended"] == "completed" and report.summary["steps"] == 16
+    assert len(report.info.devices) >= 1
+    assert report.summary["samples_per_s"] > 0
+    assert report.timeline
+    for rec in report.timeline:
+        assert sum(rec.shares.values()) == pytest.approx(1.0)
+    (devices,) = number_after(r"devices: (\d+)", nb.text)
+    assert devices == len(report.info.devices)
+    (throughput,) = number_after(r"throughput: ([\d.]+) samples/s", nb.text)
+    assert throughput > 0
+    if torch.cuda.is_available():
+        assert re.search(r"ran on \d+ GPU\(s\): GPU", nb.text)
+    else:
+        assert "ran on CPU" in nb.text
+    assert "samples/s  shares of the batch" in nb.text  # the timeline table
