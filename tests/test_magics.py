@@ -96,8 +96,13 @@ def test_magic_help_documents_every_option(ip: InteractiveShell) -> None:
         "--out",
         "--loss",
         "--background",
+        "--log",
     ):
         assert opt in doc, opt
+    # the body's own namespace, and why once-per-step effects belong in callbacks
+    assert "never overwritten" in doc and "_adaptive.last_step" in doc
+    assert "more than once per applied step" in doc and "--callbacks" in doc
+    assert "Call ``model(...)``, not your module's own variable" in doc
 
 
 BAD: list[tuple[str, str, str]] = [
@@ -115,6 +120,7 @@ BAD: list[tuple[str, str, str]] = [
     (f"{OPTS} --steps 2", "\n# only a comment\n", "cell body is empty"),
     (f"{OPTS} --steps 2", "x, y = batch\nloss = (model(x)\n", "syntax error in line 3 of the cell"),
     (f"{OPTS} --steps two", BODY, "argument --steps"),
+    (f"{OPTS} --steps 2 --log csv:", BODY, "name the file"),
 ]
 
 
