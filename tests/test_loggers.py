@@ -289,3 +289,24 @@ def test_a_failing_logger_stops_logging_never_training(
     warnings = [r for r in caplog.records if "CSV logging failed" in r.getMessage()]
     assert len(warnings) == 1 and "disk full" in warnings[0].getMessage()
     assert calls["n"] == 3  # nothing was written after the failure
+
+
+def test_start_logs_a_background_run(tmp_path: Path) -> None:
+    model = make_model()
+    run = adaptive_nb.start(
+        ce_step,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data=make_data(),
+        steps=4,
+        devices="cpu",
+        log=[f"csv:{tmp_path / 'bg.csv'}"],
+    )
+    report = run.wait(60)
+    with open(tmp_path / "bg.csv", newline="", encoding="utf-8") as fh:
+        losses = [r for r in csv.DictReader(fh) if r["name"] == "loss"]
+    assert (
+        [int(r["step"]) for r in losses]
+        == [1, 2, 3, 4]
+        == list(range(1, report.summary["steps"] + 1))
+    )
