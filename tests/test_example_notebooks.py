@@ -8,11 +8,13 @@ the lines the notebooks print; the thresholds are far from what the seeded short
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import nbformat
 import pytest
@@ -20,6 +22,7 @@ import torch
 from conftest import NotebookKernel
 
 from adaptive_nb import RunReport
+from adaptive_nb.engine.replica_loss import gather_weighted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +135,64 @@ def test_resnet_throughput_reports_devices_shares_and_throughput(
     else:
         assert "ran on CPU" in nb.text
     assert "samples/s  shares of the batch" in nb.text  # the timeline table
+
+
+# --- the example networks themselves (examples/models.py), in-process -------------------
+
+
+def example_models() -> ModuleType:
+    """``examples/models.py`` under a name of its own (no ``models`` on ``sys.path``)."""
+    name = "adaptive_nb_example_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "models.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while decorating
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_char_transformer_is_causal() -> None:
+    models = example_models()
+    torch.manual_seed(0)
+    net = models.CharTransformer(vocab=20, context=12, d_model=16, heads=2, layers=2).eval()
+    ids = torch.randint(0, 20, (2, 12))
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 20  # only the characters from position 7 on
+    with torch.no_grad():
+        a, b = net(ids).logits, net(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7])  # earlier positions never see later ones
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_char_transformer_loss_combines_across_replicas_as_the_full_batch_loss() -> None:
+    """What weighted DataParallel does with the model's own ``LMOutput.loss``: each
+    replica's mean loss weighted by its share of the batch is the full batch's loss."""
+    models = example_models()
+    torch.manual_seed(0)
+    net = models.CharTransformer(vocab=20, context=10, d_model=16, heads=2, layers=1).eval()
+    ids, labels = torch.randint(0, 20, (8, 10)), torch.randint(0, 20, (8, 10))
+    with torch.no_grad():
+        full = net(input_ids=ids, labels=labels)
+        parts = [net(input_ids=ids[s], labels=labels[s]) for s in (slice(0, 3), slice(3, 8))]
+
+    # nn.DataParallel's gather: concatenate along the batch, scalars stacked into a vector
+    def gather(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.unsqueeze(0) if t.dim() == 0 else t for t in ts])
+
+    combined = gather_weighted(parts, [3 / 8, 5 / 8], gather)
+    assert isinstance(combined, models.LMOutput) and combined.loss.dim() == 0
+    torch.testing.assert_close(combined.loss, full.loss)
+    torch.testing.assert_close(combined.logits, full.logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [4, 8])
+def test_resnet18_has_resnet18s_layout_and_classifies_small_images(width: int) -> None:
+    models = example_models()
+    net = models.resnet18(classes=10, width=width)
+    blocks = [m for m in net.modules() if isinstance(m, models.BasicBlock)]
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(blocks) == 8  # 2 + 2 + 2 + 2
+    assert len(convs) == 1 + 16 + 3  # stem, two per block, three projection shortcuts
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert models.DigitsCNN(width=width)(torch.randn(3, 1, 8, 8)).shape == (3, 10)
