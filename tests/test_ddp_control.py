@@ -191,6 +191,40 @@ def test_closing_mid_run_brings_home_the_last_completed_step(group: WorkerGroup)
     assert optimizer.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
 
 
+def test_an_interrupted_wait_still_brings_home_the_last_completed_step(
+    group: WorkerGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the kernel waits for a step: the ranks finish it, its replies are
+    never read; close() skips them, loads the last completed step and ends the group
+    (stale replies must not answer a later command)."""
+    batches = data(4)
+    ref = net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    reference_steps(regress, ref, ref_opt, batches[:2])
+
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = DDPEngine(regress, model=model, optimizer=optimizer, data=batches, group=group)
+    engine.start()
+    tokens = list(engine.iter_batches(batches, 1))
+    for token in tokens[:2]:
+        engine.forward_backward(None, token)
+        engine.optimizer_step()
+    real_gather = group.gather
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(group, "gather", real_gather)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(group, "gather", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.forward_backward(None, tokens[2])
+    engine.close()
+    assert group.alive() == []
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_a_step_that_returns_no_tensor_is_a_loss_error(group: WorkerGroup) -> None:
     """Checked on the ranks, before backward; it reaches the kernel as LossError. The
     failed step ends the shared group (a rank may be left inside a collective); the next

@@ -120,6 +120,7 @@ class DDPEngine(Engine):
         self._apply_hyper: list[dict[str, Any]] | None = None  # an update not yet sent
         self._running = False
         self._closed = False
+        self._busy = False  # a step command whose replies have not all been read
         self.last_wait_s: dict[int, float] = {}
         self.last_replies: dict[int, dict[str, Any]] = {}
         self.recovered_from: int | None = None  # the rank whose state came home after a failure
@@ -200,7 +201,9 @@ class DDPEngine(Engine):
         self._next_step = token.step
         self.last_batch = token.batch
         t0 = time.perf_counter()
+        self._busy = True  # stays set if the wait is interrupted (Ctrl-C): see close()
         replies = self._command((ch.STEP, token), f"step {token.step}")
+        self._busy = False
         wall = time.perf_counter() - t0
         ooms = [r for r in replies.values() if r[0] == ch.OOM]
         if ooms:
@@ -338,6 +341,15 @@ class DDPEngine(Engine):
         self._closed = True
         if not self._running:
             self._shutdown()
+            return
+        if self._busy:  # a step's replies were never read: skip them, then end the group
+            try:
+                self._flush_apply()
+                self.group.send(0, (ch.STATE,))
+                self._load(self.group.receive_until(0, ch.STATE, timeout=600.0)[2])
+            finally:
+                self._running = False
+                self.group.kill()
             return
         try:
             self._flush_apply()
