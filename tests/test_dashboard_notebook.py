@@ -69,6 +69,7 @@ def test_train_cell_saves_figures_and_a_finished_progress_bar(
     figures = _of(models, "FigureModel")
     titles = sorted(f["title"] for f in figures)
     assert titles == [
+        "Learning rate and evaluation",
         "Memory per device (GiB)",
         "Share of the global batch",
         "Throughput and loss",
@@ -85,6 +86,8 @@ def test_train_cell_saves_figures_and_a_finished_progress_bar(
     assert len(lines) == 1 and lines[0]["x"]["shape"][0] >= 2
     util = [s for s in _of(models, "LinesModel") if s.get("labels") == ["cpu"]]
     assert len(util) == 1 and util[0]["y"]["shape"][-1] >= 2
+    lr = [s for s in _of(models, "LinesModel") if s.get("labels") == ["learning rate"]]
+    assert len(lr) == 1 and lr[0]["x"]["shape"][0] == 40  # every step's lr, from the report
     assert nb.cells[3].outputs[0]["text"].strip() == "completed"
 
 
