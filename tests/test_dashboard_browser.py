@@ -120,10 +120,10 @@ def _drive(page: Any, lab: LabServer, shots: Path) -> None:
     dash.wait_for(timeout=90_000)
     figures = dash.locator(".bqplot.figure")
     page.wait_for_function(
-        "() => document.querySelectorAll('.adaptive-nb-dashboard .bqplot.figure svg').length >= 4",
+        "() => document.querySelectorAll('.adaptive-nb-dashboard .bqplot.figure svg').length >= 5",
         timeout=30_000,
     )
-    assert figures.count() == 4
+    assert figures.count() == 5  # utilisation, throughput, memory, shares, lr/evaluation
 
     # the plots update while training runs
     s1 = _wait_step_above(page, 5)
