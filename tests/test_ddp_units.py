@@ -4,6 +4,7 @@ as the user's own loop), rank-side slicing, and naming what cannot be pickled.""
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections import namedtuple
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from adaptive_nb.engine.ddp.data import describe_data, iter_tokens, load_slice
-from adaptive_nb.engine.ddp.payload import dumps_job, find_unpicklable
+from adaptive_nb.engine.ddp.payload import dumps_host, dumps_job, find_unpicklable
 from adaptive_nb.engine.ddp.scaling import loss_weight, rank_layout, slice_bounds
 from adaptive_nb.errors import UsageError
 
@@ -107,3 +108,36 @@ def test_what_cannot_be_pickled_is_named_with_a_fix() -> None:
     with pytest.raises(UsageError, match="a lock cannot cross processes"):
         dumps_job({"step": step, "model": torch.nn.Linear(1, 1)})
     assert find_unpicklable({"fine": [1, 2]}, "x") is None
+
+
+def _shipped_pair(device: str) -> tuple[Any, Any]:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3, device=device)).sum().backward()
+    opt.step()
+    job = pickle.loads(dumps_host({"model": model, "optimizer": opt}))
+    return job["model"], job["optimizer"]
+
+
+def test_the_shipped_optimizer_still_refers_to_the_shipped_models_parameters() -> None:
+    model, opt = _shipped_pair("cpu")
+    assert [id(p) for p in model.parameters()] == [
+        id(p) for g in opt.param_groups for p in g["params"]
+    ]
+    assert all(id(p) in {id(q) for q in model.parameters()} for p in opt.state)
+
+
+@pytest.mark.gpu
+def test_gpu_tensors_are_shipped_as_cpu_tensors_with_identity_kept() -> None:
+    model, opt = _shipped_pair("cuda")
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+    assert all(
+        v.device.type == "cpu"
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    assert [id(p) for p in model.parameters()] == [
+        id(p) for g in opt.param_groups for p in g["params"]
+    ]

@@ -1,20 +1,27 @@
 """The job shipped to every rank, serialised with ``cloudpickle`` (functions and classes
 defined in a notebook travel by value), and the search that names what cannot be
-shipped when serialisation fails (an open file, a lock, a socket...), with a fix."""
+shipped when serialisation fails (an open file, a lock, a socket...), with a fix.
+
+Tensors on a GPU (a notebook model already moved to ``cuda:0``, its optimizer state) are
+written as CPU tensors: unpickled as they are, every rank would create a CUDA context on
+the kernel's GPU and put a copy of the model there before moving it to its own device.
+Identity is kept (the optimizer still refers to the model's parameters)."""
 
 from __future__ import annotations
 
 import io
+import pickle
 import threading
 import types
 from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
+import torch
 
 from ...errors import UsageError
 
-__all__ = ["dumps_job", "find_unpicklable"]
+__all__ = ["dumps_host", "dumps_job", "find_unpicklable"]
 
 _HINTS: dict[str, str] = {
     "TextIOWrapper": "open the file inside the step (or pass its path) instead of an open file",
@@ -103,11 +110,31 @@ def _hint(description: str) -> str:
     return "create that object inside the step, or leave it out of what the step uses"
 
 
+class _HostPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, writing every tensor that lives on an accelerator as a CPU tensor."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
+            if isinstance(obj, torch.nn.Parameter):
+                rebuild, args = obj.__reduce_ex__(self.proto)[:2]  # type: ignore[no-untyped-call]
+                return (rebuild, (args[0].detach().to("cpu"), *args[1:]))
+            host = obj.detach().to("cpu").requires_grad_(obj.requires_grad)
+            return host.__reduce_ex__(self.proto)  # type: ignore[no-untyped-call]
+        return super().reducer_override(obj)
+
+
+def dumps_host(obj: Any) -> bytes:
+    """``obj`` cloudpickled, accelerator tensors written as CPU tensors."""
+    with io.BytesIO() as buffer:
+        _HostPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        return buffer.getvalue()
+
+
 def dumps_job(job: dict[str, Any]) -> bytes:
     """The job as bytes for the ranks, or a :class:`UsageError` naming what cannot be
     shipped (``job``'s keys are the user's names: ``step``, ``model``, ``optimizer``...)."""
     try:
-        return bytes(cloudpickle.dumps(job))
+        return dumps_host(job)
     except Exception as exc:
         for key, value in job.items():
             where = find_unpicklable(value, f"`{key}`")
