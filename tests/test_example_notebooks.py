@@ -101,6 +101,7 @@ def test_digits_cnn_trains_stops_resumes_and_learns(
 def test_tiny_transformer_returns_its_own_loss_and_the_loss_falls(
     tmp_path: Path, nb_kernel: NotebookKernel
 ) -> None:
+    pytest.importorskip("tensorboard", reason="the notebook logs with --log tensorboard:DIR")
     nb = execute("tiny_transformer", tmp_path, nb_kernel)
     report = RunReport.from_json(nb.build / "tiny_transformer_report.json")
     assert report.summary["ended"] == "completed" and report.summary["steps"] == 50
@@ -113,6 +114,15 @@ def test_tiny_transformer_returns_its_own_loss_and_the_loss_falls(
     before, after = number_after(r"validation loss: before ([\d.]+), after ([\d.]+)", nb.text)
     assert after < before - 0.5
     assert report.evaluations[-1]["metrics"]["val_loss"] == pytest.approx(after, abs=1e-3)
+    # --log tensorboard:DIR streamed every applied step's loss and both evaluations
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(nb.build / "tensorboard" / "tiny_transformer"), {"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 51))
+    assert [e.value for e in acc.Scalars("eval/val_loss")] == pytest.approx(
+        [e["metrics"]["val_loss"] for e in report.evaluations], rel=1e-5
+    )
 
 
 def test_resnet_throughput_reports_devices_shares_and_throughput(
