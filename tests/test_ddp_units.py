@@ -141,3 +141,25 @@ def test_gpu_tensors_are_shipped_as_cpu_tensors_with_identity_kept() -> None:
     assert [id(p) for p in model.parameters()] == [
         id(p) for g in opt.param_groups for p in g["params"]
     ]
+
+
+def test_a_job_the_ranks_could_not_train_is_refused_before_anything_starts() -> None:
+    from adaptive_nb.engine.ddp import DDPEngine
+
+    model = torch.nn.Linear(2, 1)
+    other = torch.nn.Linear(2, 1)
+    data = [(torch.randn(4, 2), torch.randn(4, 1))]
+
+    def step(m: Any, b: Any) -> Any:
+        return m(b[0]).mean()
+
+    opt = torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1)
+    with pytest.raises(UsageError, match=r"updates 2 tensor.*not parameters of `model`"):
+        DDPEngine(step, model=model, optimizer=opt, data=data)
+    good = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UsageError, match="world_size must be"):
+        DDPEngine(step, model=model, optimizer=good, data=data, world_size=0)
+    with pytest.raises(UsageError, match="pass a function"):
+        DDPEngine("step", model=model, optimizer=good, data=data)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="device_ids has 1 entries for 2 ranks"):
+        DDPEngine(step, model=model, optimizer=good, data=data, device_ids=[0])

@@ -41,6 +41,7 @@ from .errors import DDPStartError, WorkerLost, remote_error
 from .launcher import WorkerGroup
 from .payload import dumps_job
 from .scaling import rank_layout
+from .validate import check_job
 
 __all__ = ["DDPEngine"]
 
@@ -76,6 +77,7 @@ class DDPEngine(Engine):
     ) -> None:
         if group is not None:
             world_size = group.world_size
+        check_job(step, model, optimizer, world_size)
         if device_ids is not None and len(device_ids) != world_size:
             raise UsageError(
                 f"device_ids has {len(device_ids)} entries for {world_size} ranks: give one "
