@@ -193,3 +193,17 @@ def test_a_load_change_on_a_long_run_reprobes_and_adapts() -> None:
     busy = {1: 0.030, 2: 0.060}  # another job took a core: 2 threads now stall
     run(ctl, t, busy, 40, snap=host(external_pct=60.0))
     assert ctl.probes == 1 and t.n == 1
+
+
+def test_a_short_train_on_cpu_keeps_torchs_thread_count_throughout() -> None:
+    # the whole path: train() builds the controller, which reads the run's length (40)
+    from adaptive_nb import train
+    from tests.conftest import ce_step, make_data, make_model
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = make_data(n=160, batch=16)
+    report = train(ce_step, model=model, optimizer=opt, data=data, epochs=4, devices="cpu")
+    assert report.summary["thread_probes"] == 0
+    assert report.summary["threads"] == report.summary["threads_original"]
+    assert not [e for e in report.events if e.kind == EventKind.THREADS]
