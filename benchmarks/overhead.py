@@ -7,7 +7,9 @@ each static/adaptive run is divided by the plain run *of the same round*, and we
 the median of those per-round ratios with their IQR, next to the ratio of the medians.
 ``static`` is the cost of the loop + monitor (nothing adapts); ``adaptive`` adds the CPU
 thread policy (which may also gain). Process CPU time (all threads, the monitor's
-included) is reported beside wall time: on a machine shared with other jobs it moves less.
+included) is reported beside wall time, and so is the median interval between step
+starts (the per-step cost, robust to bursts of load from other jobs) with the fixed cost
+per run outside the steps (start-up, final report): on a shared machine they move less.
 
 The process-wide monitor that ``train`` starts keeps sampling (2 Hz thread) after a run;
 left running, it would sample during the *plain* runs too and the comparison would leave
@@ -23,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -48,7 +51,11 @@ def make_job(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, list[Any]
     return model, opt, data
 
 
+STARTS: list[float] = []  # when each step of the current run began (perf_counter)
+
+
 def step(model: nn.Module, batch: Any) -> torch.Tensor:
+    STARTS.append(time.perf_counter())
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
 
@@ -59,10 +66,26 @@ def stop_sampler() -> None:
     mon.stop()
 
 
-def plain(steps: int) -> tuple[float, float]:
-    """Wall and process CPU seconds of a plain loop."""
+Timing = tuple[float, float, float, float]
+"""Seconds: wall, process CPU, median step (start to start), fixed cost outside the steps."""
+
+
+def timing(t0: float, c0: float) -> Timing:
+    """From the run's start times and the step starts recorded by :func:`step`. The median
+    step interval is robust to bursts of load from other processes; the fixed part is what
+    happens before the first step and after the last one beyond a median step."""
+    end, used = time.perf_counter(), time.process_time() - c0
+    gaps = [b - a for a, b in pairwise(STARTS)]
+    step_s = statistics.median(gaps) if gaps else end - t0
+    fixed = (STARTS[0] - t0) + max(0.0, end - STARTS[-1] - step_s) if STARTS else 0.0
+    return end - t0, used, step_s, fixed
+
+
+def plain(steps: int) -> Timing:
+    """A plain PyTorch loop."""
     model, opt, data = make_job()
     stop_sampler()
+    STARTS.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     done = 0
     while done < steps:
@@ -73,17 +96,18 @@ def plain(steps: int) -> tuple[float, float]:
             step(model, b).backward()
             opt.step()
             done += 1
-    return time.perf_counter() - t0, time.process_time() - c0
+    return timing(t0, c0)
 
 
-def managed(steps: int, policy: str, info: dict[str, list[Any]]) -> tuple[float, float]:
-    """Wall and process CPU seconds of ``adaptive_nb.train`` (monitor thread included)."""
+def managed(steps: int, policy: str, info: dict[str, list[Any]]) -> Timing:
+    """``adaptive_nb.train`` (its monitor thread included in the CPU time)."""
     model, opt, data = make_job()
+    STARTS.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     report = adaptive_nb.train(
         step, model=model, optimizer=opt, data=data, steps=steps, policy=policy, devices="cpu"
     )
-    elapsed = time.perf_counter() - t0, time.process_time() - c0
+    elapsed = timing(t0, c0)
     s = report.summary
     info.setdefault(f"{policy}_own_pct", []).append(float(s["controller_overhead_pct"]))
     if policy == "adaptive":
@@ -102,15 +126,17 @@ def measure(steps: int, rounds: int) -> dict[str, Any]:
     """Rotated rounds of plain / static / adaptive; per-round ratios against plain."""
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+    step_s: dict[str, list[float]] = {k: [] for k in KINDS}
+    fixed: dict[str, list[float]] = {k: [] for k in KINDS}
     info: dict[str, list[Any]] = {}
     plain(5)  # warm up allocator and kernels (not measured)
     managed(5, "static", {})
     for r in range(rounds):
         order = KINDS[r % 3 :] + KINDS[: r % 3]
         for kind in order:
-            wall, used = plain(steps) if kind == "plain" else managed(steps, kind, info)
-            times[kind].append(wall)
-            cpu[kind].append(used)
+            got = plain(steps) if kind == "plain" else managed(steps, kind, info)
+            for into, value in zip((times, cpu, step_s, fixed), got, strict=True):
+                into[kind].append(value)
     stop_sampler()
     out: dict[str, Any] = {
         "steps": steps,
@@ -130,6 +156,12 @@ def measure(steps: int, rounds: int) -> dict[str, Any]:
         c1, cmed, c3 = quartiles(cpu_ratios)
         out[f"{kind}_cpu_ratio_median"] = round(cmed, 4)
         out[f"{kind}_cpu_ratio_iqr"] = [round(c1, 4), round(c3, 4)]
+        step_ratios = [a / p for a, p in zip(step_s[kind], step_s["plain"], strict=True)]
+        s1, smed, s3 = quartiles(step_ratios)
+        out[f"{kind}_step_ratio_median"] = round(smed, 4)
+        out[f"{kind}_step_ratio_iqr"] = [round(s1, 4), round(s3, 4)]
+        extra = [1000 * (a - p) for a, p in zip(fixed[kind], fixed["plain"], strict=True)]
+        out[f"{kind}_fixed_extra_ms_median"] = round(statistics.median(extra), 2)
         out[f"{kind}_own_time_pct_median"] = round(statistics.median(info[f"{kind}_own_pct"]), 3)
     out["adaptive_probes"] = sum(info["probes"])
     out["adaptive_decisions"] = sorted(set(info["decisions"]))
@@ -154,6 +186,12 @@ def print_result(res: dict[str, Any]) -> None:
         print(
             f"{'':<16}  process CPU time {kind}/plain median "
             f"{res[f'{kind}_cpu_ratio_median']:.4f} (IQR {c1:.4f}–{c3:.4f})"
+        )
+        s1, s3 = res[f"{kind}_step_ratio_iqr"]
+        print(
+            f"{'':<16}  median step interval {kind}/plain median "
+            f"{res[f'{kind}_step_ratio_median']:.4f} (IQR {s1:.4f}–{s3:.4f}); fixed cost "
+            f"per run beyond plain's: {res[f'{kind}_fixed_extra_ms_median']:.1f} ms (median)"
         )
     print(
         f"adaptive thread probes over all rounds: {res['adaptive_probes']}; decisions: "

@@ -25,17 +25,20 @@ def test_overhead_rotates_rounds_and_pairs_each_run_with_its_rounds_plain_run(
     scale = (10.0, 1.0, 100.0)  # each round on a very different machine state
     factor = {"plain": 1.0, "static": 1.1, "adaptive": 1.2}
 
-    def timed(kind: str) -> tuple[float, float]:
+    def timed(kind: str) -> tuple[float, float, float, float]:
         rnd = len(calls) // 3
         calls.append(kind)
-        return factor[kind] * scale[rnd], factor[kind] * scale[rnd]
+        v = factor[kind] * scale[rnd]
+        return v, v, v / 10, v / 100
 
-    def fake_plain(steps: int) -> tuple[float, float]:
-        return (0.0, 0.0) if steps == 5 else timed("plain")  # 5 steps: the warm-up
+    def fake_plain(steps: int) -> tuple[float, float, float, float]:
+        return (0.0,) * 4 if steps == 5 else timed("plain")  # 5 steps: the warm-up
 
-    def fake_managed(steps: int, policy: str, info: dict[str, list[object]]) -> tuple[float, float]:
+    def fake_managed(
+        steps: int, policy: str, info: dict[str, list[object]]
+    ) -> tuple[float, float, float, float]:
         if steps == 5:
-            return 0.0, 0.0
+            return (0.0,) * 4
         info.setdefault(f"{policy}_own_pct", []).append(0.1)
         if policy == "adaptive":
             info.setdefault("probes", []).append(0)
@@ -57,6 +60,8 @@ def test_overhead_rotates_rounds_and_pairs_each_run_with_its_rounds_plain_run(
     assert res["adaptive_ratio_median"] == pytest.approx(1.2)
     assert res["adaptive_ratio_iqr"] == pytest.approx([1.2, 1.2])
     assert res["adaptive_cpu_ratio_median"] == pytest.approx(1.2)
+    assert res["adaptive_step_ratio_median"] == pytest.approx(1.2)
+    assert res["static_fixed_extra_ms_median"] == pytest.approx(1000 * 0.1 * 10 / 100)
 
 
 def test_plain_runs_are_timed_with_the_monitor_sampler_stopped(
@@ -76,8 +81,9 @@ def test_plain_runs_are_timed_with_the_monitor_sampler_stopped(
         return real_step(model, batch)  # type: ignore[arg-type]
 
     monkeypatch.setattr(overhead, "step", step)
-    overhead.plain(2)
+    _, _, step_s, fixed = overhead.plain(2)
     assert sampling == [False, False]
+    assert step_s > 0 and fixed >= 0
 
 
 def test_short_run_refuses_too_few_rounds() -> None:
