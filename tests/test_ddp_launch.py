@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -224,6 +226,8 @@ def test_ranks_exit_when_the_kernel_process_dies(tmp_path: Path) -> None:
         for p in pids if "pids" in locals() else []:
             if _running(p):
                 os.kill(p, signal.SIGKILL)
+        for logs in Path(tempfile.gettempdir()).glob(f"adaptive_nb_ddp_{kernel.pid}_*"):
+            shutil.rmtree(logs, ignore_errors=True)  # a killed kernel cannot remove them
 
 
 def _running(pid: int) -> bool:

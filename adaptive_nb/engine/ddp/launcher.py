@@ -55,13 +55,15 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _kill(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+def _kill(procs: Sequence[subprocess.Popen[bytes]], logs: Path | None = None) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
             p.wait(timeout=10)
+    if logs is not None:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 class WorkerGroup:
@@ -90,8 +92,9 @@ class WorkerGroup:
         self.start_timeout_s = start_timeout_s
         self.procs: list[subprocess.Popen[bytes]] = []
         self.conns: list[Connection] = []
-        self.log_dir = Path(tempfile.mkdtemp(prefix="adaptive_nb_ddp_"))
-        self._finalizer = weakref.finalize(self, _kill, self.procs)
+        # the ranks' output, quoted in errors; removed with the ranks
+        self.log_dir = Path(tempfile.gettempdir()) / f"adaptive_nb_ddp_{os.getpid()}_{id(self)}"
+        self._finalizer = weakref.finalize(self, _kill, self.procs, self.log_dir)
         self.started = False
 
     @property
@@ -258,8 +261,11 @@ class WorkerGroup:
                     reply = ch.get(conn)
                 except (EOFError, OSError):
                     code = self.procs[rank].poll() if rank < len(self.procs) else None
+                    tail = self.log_tail(rank)
                     raise WorkerLost(
-                        f"rank {rank} died (exit code {code}) during {what}", device=rank
+                        f"rank {rank} died (exit code {code}) during {what}"
+                        + (f"; its last output:\n{tail}" if tail else ""),
+                        device=rank,
                     ) from None
                 replies[rank] = reply
                 if reply[0] in stop_on:
@@ -311,11 +317,10 @@ class WorkerGroup:
                     break
         finally:
             self.kill()
-            shutil.rmtree(self.log_dir, ignore_errors=True)  # kept after failures only
 
     def kill(self) -> None:
         """Kill every rank still running and close the connections (idempotent)."""
-        _kill(self.procs)
+        _kill(self.procs, self.log_dir)
         for conn in self.conns:
             conn.close()
         self.conns.clear()
