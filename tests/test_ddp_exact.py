@@ -212,6 +212,24 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(group: WorkerGroup)
     assert losses == pytest.approx(want_losses, rel=1e-5)
 
 
+def test_batch_norm_with_uneven_micro_batches_keeps_the_ranks_in_step(group: WorkerGroup) -> None:
+    """Buffers make DDP broadcast at a rank's first forward of a step; ranks running
+    different numbers of micro-batches (3, 3 and one empty piece here) must still call the
+    same collectives: the run completes and every rank holds the same gradient."""
+    data = batches(3, size=12)
+    model = mlp(bn=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads, _, engine = run_engine(group, model, optimizer, data, (6, 6, 0), micro=3)
+    assert engine.applied == 3
+    assert [engine.last_replies[r]["pieces"] for r in range(3)] == [3, 3, 1]
+    for per_rank in grads:
+        for name, g in per_rank[0].items():
+            for rank in (1, 2):
+                other = per_rank[rank][name]
+                assert g is not None and other is not None
+                torch.testing.assert_close(other, g, rtol=0, atol=0, msg=name)
+
+
 def test_learning_rate_set_in_the_kernel_reaches_the_ranks(group: WorkerGroup) -> None:
     """A scheduler steps the kernel's optimizer; the ranks step with its learning rate."""
     data = batches(3)
