@@ -111,6 +111,7 @@ class DDPEngine(Engine):
             backend="nccl" if device_ids else "gloo",
             threads=threads,
             master_port=master_port,
+            device_ids=device_ids,
         )
         self.plan = Plan(
             tuple(range(world_size)), tuple(1.0 / world_size for _ in range(world_size)), 1, 0

@@ -70,7 +70,8 @@ class WorkerGroup:
     """``world_size`` rank processes in one process group, and a connection to each.
 
     ``threads``: torch threads per rank (default: this machine's cores shared out).
-    ``master_port``: the process group's rendezvous port (default: a free one)."""
+    ``master_port``: the process group's rendezvous port (default: a free one).
+    ``device_ids``: the CUDA device of each rank (nccl), set before the group forms."""
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class WorkerGroup:
         master_port: int | None = None,
         timeout_s: float = 300.0,
         start_timeout_s: float = 120.0,
+        device_ids: Sequence[int] | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -90,6 +92,7 @@ class WorkerGroup:
         self.master_port = master_port
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
+        self.device_ids = list(device_ids) if device_ids else None  # one CUDA device per rank
         self.procs: list[subprocess.Popen[bytes]] = []
         self.conns: list[Connection] = []
         # the ranks' output, quoted in errors; removed with the ranks
@@ -165,6 +168,8 @@ class WorkerGroup:
             env_base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
         for rank in range(self.world_size):
             env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
+            if self.device_ids:
+                env["ADNB_DDP_DEVICE"] = str(self.device_ids[rank])
             with open(self.log_dir / f"rank{rank}.log", "wb") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", _WORKER_MODULE],

@@ -118,6 +118,9 @@ def main() -> int:
         threads = int(os.environ.get("ADNB_DDP_THREADS", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
+        device = os.environ.get("ADNB_DDP_DEVICE")
+        if device is not None:  # before the group forms: nccl binds each rank to its GPU
+            torch.cuda.set_device(int(device))
         dist.init_process_group(
             backend=os.environ.get("ADNB_DDP_BACKEND", "gloo"),
             rank=rank,
