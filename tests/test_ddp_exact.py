@@ -258,6 +258,25 @@ def test_learning_rate_set_in_the_kernel_reaches_the_ranks(group: WorkerGroup) -
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_clip_grad_norm_clips_the_full_batch_gradient_on_the_ranks(group: WorkerGroup) -> None:
+    data = batches(3)
+    ref_model = mlp()
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.5)
+    norms = []
+    for batch in data:
+        ref_opt.zero_grad()
+        classify(ref_model, batch).backward()  # type: ignore[no-untyped-call]
+        norms.append(float(nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05)))
+        ref_opt.step()
+    assert min(norms) > 0.05  # the clip acts on every step
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    run_engine(group, model, optimizer, data, (5, 0, 4), clip_grad_norm=0.05)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_model_is_untouched_until_close(group: WorkerGroup) -> None:
     data = batches(2)
     model = mlp()
