@@ -8,6 +8,15 @@ piece of ``n`` samples has its mean loss scaled by ``n·W/B`` before ``backward`
 of 0 samples is scaled by exactly 0 (its ``mean()`` may be NaN, the product's gradient is
 still 0 everywhere, and its value is never reported). No torch here: the ranks and the
 kernel compute the same integers from the same plan.
+
+Why a rank with no samples runs an empty slice rather than ``torch.distributed``'s
+``Join``: a joined rank shadows the all-reduce but never receives the averaged gradient
+(its optimizer would step without it and its parameters drift from the others'), and
+``Join`` adds a collective to every forward. An empty forward/backward through the DDP
+wrapper joins the same collectives as every other rank and leaves it the same averaged
+gradient. It asks that the step accept a batch of 0 samples (most layers do; a
+``view(0, -1)`` does not); the empty rank's buffers (BatchNorm statistics) are restored
+after it. Tested against a plain loop with a zero share on rank 0 and on a middle rank.
 """
 
 from __future__ import annotations
