@@ -22,6 +22,7 @@ from . import slot
 from .backend import build_backend
 from .callbacks import check_callbacks
 from .control import RunControl
+from .ddp_backend import build_ddp_run, check_engine_options
 from .loggers import build_loggers
 from .loop import Run
 from .observers import Observer
@@ -69,6 +70,8 @@ def _prepare(
     keep: int | None = None,
     resume: Any = None,
     log: Any = None,
+    engine: str = "dataparallel",
+    workers: int | None = None,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -78,6 +81,16 @@ def _prepare(
     if not control_interval > 0:
         raise UsageError(f"control_interval must be positive, got {control_interval}.")
     spec = parse_devices(devices)
+    world_size = check_engine_options(
+        engine,
+        workers,
+        spec,
+        accumulate=accumulate,
+        precision=precision,
+        evaluate=evaluate,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
     loggers = build_loggers(log)
     if loggers:  # loggers are callbacks too: exact loss, lr and metrics of every step
         user_callbacks = check_callbacks(callbacks, (names or {}).get("callbacks", "callbacks"))
@@ -89,7 +102,8 @@ def _prepare(
         scheduler=scheduler,
         scheduler_interval=scheduler_interval,
         scheduler_metric=scheduler_metric,
-        clip_grad_norm=clip_grad_norm,
+        # under DDP the ranks clip (the kernel holds no gradients)
+        clip_grad_norm=clip_grad_norm if world_size is None else None,
         precision=precision,
         evaluate=evaluate,
         eval_every=eval_every,
@@ -104,22 +118,38 @@ def _prepare(
     busy = slot.active_run()
     if busy is not None:  # early, friendly check; the slot is claimed atomically later
         raise UsageError(slot.busy_message(busy))
-    engine, controller, snapshots = build_backend(
-        spec, policy=policy, headroom=float(headroom), control_interval=control_interval
-    )
+    run_data: Any = data
+    if world_size is None:
+        backend, controller, snapshots = build_backend(
+            spec, policy=policy, headroom=float(headroom), control_interval=control_interval
+        )
+    else:
+        backend, controller, snapshots, run_data = build_ddp_run(
+            step,
+            model=model,
+            optimizer=optimizer,
+            data=data,
+            world_size=world_size,
+            spec=spec,
+            policy=policy,
+            headroom=float(headroom),
+            control_interval=control_interval,
+            clip_grad_norm=clip_grad_norm,
+            data_name=(names or {}).get("data", "data"),
+        )
     control = control or RunControl()
     all_observers = [*observers, *loggers]
     if widget:
         factory = widget if callable(widget) else dashboard_factory()
-        all_observers.append(factory(control, engine.device_names(), engine.simulated))
+        all_observers.append(factory(control, backend.device_names(), backend.simulated))
     return Run(
         step,
         model=model,
         optimizer=optimizer,
-        data=data,
+        data=run_data,
         epochs=epochs,
         steps=steps,
-        engine=engine,
+        engine=backend,
         controller=controller,
         snapshots=snapshots,
         policy=policy,
@@ -130,7 +160,7 @@ def _prepare(
         loss_name=loss_name,
         data_name=(names or {}).get("data", "data"),
         handle_interrupt=handle_interrupt,
-        training=Training(options, optimizer, device_type=engine.primary_device().type),
+        training=Training(options, optimizer, device_type=backend.primary_device().type),
     )
 
 
@@ -166,6 +196,8 @@ def train(
     keep: int | None = None,
     resume: bool | str | os.PathLike[str] | None = None,
     log: str | Sequence[str] | None = None,
+    engine: str = "dataparallel",
+    workers: int | None = None,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -243,6 +275,16 @@ def train(
       memory per control tick, evaluation metrics, and events as text
       (:mod:`adaptive_nb.run.loggers`). A logger that fails stops logging, never training.
 
+    - ``engine``: ``"dataparallel"`` (default: one process, weighted ``nn.DataParallel``
+      over the GPUs) or ``"ddp"``: one rank process per GPU (``workers`` CPU ranks with
+      gloo on a machine without GPUs, default 2), started from this process without
+      ``fork``; ``step``, ``model``, ``optimizer`` and ``data`` are shipped to them with
+      cloudpickle, each rank loads only its slice of every global batch, and each rank's
+      loss is scaled by ``b_i·W/B`` so the gradient is the full-batch gradient under
+      uneven shares. The planner and the report are the same; when the run ends the
+      model and optimizer hold the state of the last completed step. Not yet with
+      ``accumulate``, ``precision``, ``evaluate`` or checkpoints (refused up front).
+
     **The step body may run more than once per applied step**: an out-of-memory retry
     re-runs it on the same batch, and micro-batches and accumulated batches run it once
     per piece. Side effects that must happen once per step (logging, counters, saving)
@@ -282,6 +324,8 @@ def train(
         keep=keep,
         resume=resume,
         log=log,
+        engine=engine,
+        workers=workers,
     )
     slot.set_last(run)
     return run.execute()

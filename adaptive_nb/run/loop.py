@@ -268,6 +268,9 @@ class Run:
     def _apply_optimizer_step(self, update: Callable[[], object]) -> None:
         """Run the optimizer update (``optimizer.step`` or ``scaler.step``) exactly once
         (:func:`.attempt.apply_optimizer_step` recovers an out-of-memory where exact)."""
+        if getattr(self.engine, "owns_optimizer_step", False):
+            self.engine.optimizer_step()  # type: ignore[attr-defined]  # the ranks apply it
+            return
         timed = self.engine.timed_update(update)  # the engine charges it to the primary
         self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=timed)
 
@@ -278,6 +281,8 @@ class Run:
 
     def _on_device_failure(self, err: DeviceFailure) -> Sequence[Event]:
         self.device_failures += 1
+        if getattr(self.engine, "owns_optimizer_step", False):
+            raise err  # a lost rank cannot be dropped without restarting the group: stop
         events = self.controller.on_device_failure(err, self._now(), self.step)
         self._decision(events)
         return events
