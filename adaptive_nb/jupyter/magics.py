@@ -22,6 +22,7 @@ from ..run.api import last_run, start, train
 from ..run.observers import BaseObserver
 from ..run.report import RunReport
 from .cell_namespace import CellStep, attach_last_step
+from .shipped_cell import ship_cell
 
 __all__ = ["AdaptiveMagics", "machine_summary"]
 
@@ -178,6 +179,14 @@ class AdaptiveMagics(Magics):
         "from the start of the training)",
     )
     @argument(
+        "--engine",
+        default="dataparallel",
+        metavar="E",
+        help="dataparallel (default: one process) | ddp (one rank process per GPU, or "
+        "--workers CPU ranks; the cell and the variables it uses are shipped to them)",
+    )
+    @argument("--workers", type=int, default=None, metavar="N", help="CPU ranks of --engine ddp")
+    @argument(
         "--log",
         action="append",
         default=None,
@@ -289,7 +298,14 @@ class AdaptiveMagics(Magics):
         )
         ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
         loss_name = args.loss
-        step = CellStep(code, ns, loss_name=loss_name, raw=model, raw_name=args.model)
+        step: Any = CellStep(code, ns, loss_name=loss_name, raw=model, raw_name=args.model)
+        if args.engine == "ddp":  # the ranks cannot see this namespace: ship what it uses
+            step = ship_cell(
+                "\n" + self.shell.transform_cell(cell),  # type: ignore[union-attr]
+                ns,
+                loss_name=loss_name,
+                skip={args.model, args.optimizer, args.data},
+            )
 
         observers: list[Any] = []
         publisher = _status_publisher()
@@ -322,6 +338,8 @@ class AdaptiveMagics(Magics):
             "keep": args.keep,
             "resume": True if args.resume else None,
             "log": args.log,
+            "engine": args.engine,
+            "workers": args.workers,
             **extras,
         }
         if args.background:
