@@ -79,6 +79,8 @@ def test_train_on_ddp_ranks_equals_a_plain_loop() -> None:
         ({"engine": "ddpp"}, "unknown engine 'ddpp'"),
         ({"workers": 3}, "workers= (--workers) sets the ranks of engine='ddp'"),
         ({"engine": "ddp", "workers": 0}, "workers must be a whole number"),
+        ({"sync_bn": True}, "sync_bn=True (--sync-bn) needs engine='ddp'"),
+        ({"engine": "ddp", "sync_bn": True}, "sync_bn=True needs one GPU per rank"),
         ({"engine": "ddp", "accumulate": 2}, "accumulate > 1"),
         ({"engine": "ddp", "precision": "bf16"}, "precision other than fp32"),
         (

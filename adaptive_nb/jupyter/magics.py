@@ -187,6 +187,11 @@ class AdaptiveMagics(Magics):
     )
     @argument("--workers", type=int, default=None, metavar="N", help="CPU ranks of --engine ddp")
     @argument(
+        "--sync-bn",
+        action="store_true",
+        help="--engine ddp on GPUs: BatchNorm → SyncBatchNorm (statistics of the whole batch)",
+    )
+    @argument(
         "--log",
         action="append",
         default=None,
@@ -340,6 +345,7 @@ class AdaptiveMagics(Magics):
             "log": args.log,
             "engine": args.engine,
             "workers": args.workers,
+            "sync_bn": args.sync_bn,
             **extras,
         }
         if args.background:

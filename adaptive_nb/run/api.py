@@ -72,6 +72,7 @@ def _prepare(
     log: Any = None,
     engine: str = "dataparallel",
     workers: int | None = None,
+    sync_bn: bool = False,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -90,6 +91,7 @@ def _prepare(
         evaluate=evaluate,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        sync_bn=sync_bn,
     )
     loggers = build_loggers(log)
     if loggers:  # loggers are callbacks too: exact loss, lr and metrics of every step
@@ -136,6 +138,7 @@ def _prepare(
             control_interval=control_interval,
             clip_grad_norm=clip_grad_norm,
             data_name=(names or {}).get("data", "data"),
+            sync_bn=sync_bn,
         )
     control = control or RunControl()
     all_observers = [*observers, *loggers]
@@ -198,6 +201,7 @@ def train(
     log: str | Sequence[str] | None = None,
     engine: str = "dataparallel",
     workers: int | None = None,
+    sync_bn: bool = False,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -284,6 +288,7 @@ def train(
       uneven shares. The planner and the report are the same; when the run ends the
       model and optimizer hold the state of the last completed step. Not yet with
       ``accumulate``, ``precision``, ``evaluate`` or checkpoints (refused up front).
+      ``sync_bn=True`` converts BatchNorm to ``SyncBatchNorm`` on the ranks (GPU ranks).
 
     **The step body may run more than once per applied step**: an out-of-memory retry
     re-runs it on the same batch, and micro-batches and accumulated batches run it once
@@ -326,6 +331,7 @@ def train(
         log=log,
         engine=engine,
         workers=workers,
+        sync_bn=sync_bn,
     )
     slot.set_last(run)
     return run.execute()

@@ -39,12 +39,18 @@ def check_engine_options(
     evaluate: Any,
     checkpoint_dir: Any,
     resume: Any,
+    sync_bn: bool = False,
 ) -> int | None:
     """The number of ranks for ``engine="ddp"`` (None for DataParallel); UsageError for an
     engine, a worker count or an option the engine cannot honour."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}.")
     if engine != "ddp":
+        if sync_bn:
+            raise UsageError(
+                "sync_bn=True (--sync-bn) needs engine='ddp' (--engine ddp): DataParallel "
+                "replicas normalise their own chunk of the batch."
+            )
         if workers is not None:
             raise UsageError("workers= (--workers) sets the ranks of engine='ddp' (--engine ddp).")
         return None
@@ -108,6 +114,7 @@ def build_ddp_run(
     control_interval: float,
     clip_grad_norm: float | None,
     data_name: str,
+    sync_bn: bool = False,
 ) -> tuple[DDPEngine, AllocationController, SnapshotSource | None, TokenEpochs]:
     """Engine (not started: ``prepare`` starts the ranks), controller, snapshot source and
     the token stream the loop iterates."""
@@ -119,6 +126,7 @@ def build_ddp_run(
         data=data,
         world_size=world_size,
         clip_grad_norm=clip_grad_norm,
+        sync_bn=sync_bn,
         device_ids=list(device_ids) if device_ids is not None else None,
         data_name=data_name,
     )
