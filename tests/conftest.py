@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_thread_memory() -> Iterator[None]:
+    """Each test starts with no learned CPU thread counts (they live for the process, so one
+    test's runs would otherwise decide whether another's probe)."""
+    from adaptive_nb.plan.thread_probe import forget_learned
+
+    forget_learned()
+    yield
+    forget_learned()
+
+
 class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
