@@ -151,13 +151,3 @@ def test_calling_model_through_a_wrapper_trains(ip: InteractiveShell) -> None:
     report = ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 3 --policy static", body)
     assert report.summary["steps"] == 3
     assert same_params(params_of(ref), params_of(ip.user_ns["net"]))
-
-
-@pytest.mark.gpu
-def test_raw_module_call_under_dataparallel_is_a_usage_error(ip: InteractiveShell) -> None:
-    before = params_of(ip.user_ns["net"])
-    body = "x, y = batch\nloss = torch.nn.functional.cross_entropy(net(x), y)\n"
-    with pytest.raises(IPythonUsageError, match=r"`net\(\.\.\.\)` directly"):
-        ip.run_cell_magic("adaptive_train", f"{OPTS} --steps 2 --devices 0", body)
-    after = [p.cpu() for p in params_of(ip.user_ns["net"])]
-    assert same_params(before, after)

@@ -125,20 +125,11 @@ class WorkerGroup:
         port = self.master_port if self.master_port is not None else free_port()
         try:
             self._spawn(listener.address, port, secret)
-            self._accept(listener)
+            self._accept(listener, port)
             replies = self.gather(timeout=self.start_timeout_s, what="joining the process group")
             failed = [r for r in replies.values() if r[0] == ch.FAILED]
             if failed:
-                _, rank, kind, message, _, _ = failed[0]
-                hint = ""
-                if "address already in use" in message.lower() or "errno 98" in message.lower():
-                    hint = (
-                        f" Port {port} is in use: leave master_port unset (a free port is "
-                        "chosen) or pass another one."
-                    )
-                raise DDPStartError(
-                    f"rank {rank} could not join the process group: {kind}: {message}.{hint}"
-                )
+                raise _join_failure(failed[0], port)
         except BaseException as exc:
             self.kill()
             if isinstance(exc, WorkerLost):
@@ -183,7 +174,7 @@ class WorkerGroup:
             proc.stdin.write(secret.hex().encode() + b"\n")
             proc.stdin.close()
 
-    def _accept(self, listener: Listener) -> None:
+    def _accept(self, listener: Listener, port: int) -> None:
         """Accept one connection per rank, failing fast if a rank exits first."""
         got: list[Connection] = []
         errors: list[BaseException] = []
@@ -202,6 +193,12 @@ class WorkerGroup:
             thread.join(0.05)
             for rank, p in enumerate(self.procs):
                 if p.poll() is not None and len(got) < self.world_size:
+                    # a rank that connected, failed to join and exited before the others
+                    # connected has its reason on its connection, not in its log
+                    for conn in list(got):
+                        reason = _pending_failure(conn)
+                        if reason is not None:
+                            raise _join_failure(reason, port)
                     raise DDPStartError(
                         f"rank {rank} exited with code {p.returncode} while starting:\n"
                         f"{self.log_tail(rank)}"
@@ -336,3 +333,27 @@ class WorkerGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _pending_failure(conn: Connection) -> tuple[Any, ...] | None:
+    """The FAILED message waiting on ``conn`` (after its hello), if any."""
+    try:
+        while conn.poll(0.2):
+            message = ch.get(conn)
+            if message[0] == ch.FAILED:
+                return tuple(message)
+    except (OSError, EOFError):
+        return None
+    return None
+
+
+def _join_failure(failed: tuple[Any, ...], port: int) -> DDPStartError:
+    """The error for a rank that could not join the process group (a port in use named)."""
+    _, rank, kind, message, _, _ = failed
+    hint = ""
+    if "address already in use" in message.lower() or "errno 98" in message.lower():
+        hint = (
+            f" Port {port} is in use: leave master_port unset (a free port is chosen) or "
+            "pass another one."
+        )
+    return DDPStartError(f"rank {rank} could not join the process group: {kind}: {message}.{hint}")
