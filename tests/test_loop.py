@@ -160,7 +160,7 @@ def test_empty_data_is_reported_before_any_step(tiny: Any) -> None:
     ("loss_value", "message"),
     [
         (None, "never assigned"),
-        (1.5, "not a tensor"),
+        (1.5, "not a loss tensor"),
         ("vector", "must be a scalar"),
         ("detached", "does not require grad"),
     ],

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DeviceFailure, LossError, OutOfMemory
+from ..errors import DeviceFailure, OutOfMemory
 from ..events import Event
-from ..step import StepFn, StepOutcome
+from ..step import StepFn, StepOutcome, check_loss
 from .rollback import OptimizerRollback, StepRollback, devices_of, optimizer_params
 
 __all__ = [
@@ -29,35 +29,11 @@ __all__ = [
 MAX_RETRIES = 8
 
 
-def _check_loss(loss: Any, loss_name: str) -> torch.Tensor:
-    if loss is None:
-        raise LossError(
-            f"the step never assigned `{loss_name}`: end the cell with e.g. "
-            f"`{loss_name} = F.cross_entropy(model(x), y)` (the step was not applied)."
-        )
-    if not isinstance(loss, torch.Tensor):
-        raise LossError(
-            f"`{loss_name}` is a {type(loss).__name__}, not a tensor: assign the loss tensor "
-            "itself, not `.item()` (the step was not applied)."
-        )
-    if loss.numel() != 1:
-        raise LossError(
-            f"`{loss_name}` has shape {tuple(loss.shape)}; it must be a scalar: reduce it, "
-            f"e.g. `{loss_name} = {loss_name}.mean()` (the step was not applied)."
-        )
-    if not loss.requires_grad:
-        raise LossError(
-            f"`{loss_name}` does not require grad: it was computed under torch.no_grad() or "
-            "from detached tensors, so nothing can be trained (the step was not applied)."
-        )
-    return loss if loss.dim() == 0 else loss.reshape(())
-
-
 def checked_step(step: StepFn, loss_name: str) -> StepFn:
     """``step`` whose result is checked to be a usable scalar loss (else LossError)."""
 
     def checked(model: nn.Module, batch: Any) -> torch.Tensor:
-        return _check_loss(step(model, batch), loss_name)
+        return check_loss(step(model, batch), loss_name)
 
     return checked
 

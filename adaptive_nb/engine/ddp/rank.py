@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ...batches import move_to, split_nested
-from ...errors import LossError
+from ...step import check_loss
 from .data import BatchToken, DataSource, load_slice
 from .scaling import RankLayout, loss_weight, rank_layout, slice_bounds
 
@@ -61,25 +61,6 @@ def _timed_allreduce(state: _HookState, bucket: Any) -> torch.futures.Future[tor
 # DDP checks a hook's annotations as objects (this module's are strings: __future__).
 _timed_allreduce.__annotations__["bucket"] = torch._C._distributed_c10d.GradBucket
 _timed_allreduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]
-
-
-def _check_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise LossError(
-            f"the step returned a {type(loss).__name__}, not a loss tensor: return the loss "
-            "itself, not `.item()` (the step was not applied)."
-        )
-    if loss.numel() != 1:
-        raise LossError(
-            f"the step's loss has shape {tuple(loss.shape)}; it must be a scalar mean over "
-            "the batch, e.g. `loss.mean()` (the step was not applied)."
-        )
-    if not loss.requires_grad:
-        raise LossError(
-            "the step's loss does not require grad (computed under torch.no_grad() or from "
-            "detached tensors): nothing can be trained (the step was not applied)."
-        )
-    return loss.reshape(())
 
 
 class RankJob:
@@ -201,7 +182,7 @@ class RankJob:
             ctx = contextlib.nullcontext() if synced else self.ddp.no_sync()
             with ctx:
                 t0 = time.perf_counter()
-                loss = _check_loss(self.step_fn(self.ddp, piece))
+                loss = check_loss(self.step_fn(self.ddp, piece))
                 t1 = time.perf_counter()
                 if self.device.type == "cpu":
                     rss = self._process.memory_info().rss / 2**20
@@ -239,7 +220,7 @@ class RankJob:
         empty = move_to(load_slice(self.data, token, 0, 0), self.device)
         self._in_synced = True
         self._ddp_returned = False
-        loss = _check_loss(self.step_fn(self.ddp, empty))
+        loss = check_loss(self.step_fn(self.ddp, empty))
         (loss * 0.0).backward()  # type: ignore[no-untyped-call]
         self._in_synced = False
 
