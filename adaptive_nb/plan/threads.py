@@ -13,6 +13,9 @@ unless steps are tiny (per-op thread synchronisation), so they are not tried. Wh
 learned is remembered for the same model, batch size and cores (:mod:`.thread_probe`): the
 same cell run again holds it at once. A sustained external load change re-probes, under the
 same budget.
+
+Why ~420 lines: the probe state machine and its decisions (events) are one class; the
+candidate list, cost formula and learned-count memory already live in :mod:`.thread_probe`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ a dropped device), then the step applied exactly once (:meth:`.training.Training
 unscale, clip, ``optimizer.step``, scheduler), record the measurement, call the user's
 callbacks, evaluate when due. Every ``control_interval`` seconds (engine clock) the
 controller re-plans.
+
+Why ~470 lines: :class:`Run` is the run's state and lifecycle (start, pause, stop, interrupt,
+finish) in one place; everything that stands alone is in its own module (``attempt``,
+``stepping``, ``batching``, ``step_hooks``, ``records``, ``training``).
 """
 
 from __future__ import annotations
