@@ -190,6 +190,13 @@ class AdaptiveMagics(Magics):
     )
     @argument("--workers", type=int, default=None, metavar="N", help="CPU ranks of --engine ddp")
     @argument(
+        "--min-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fewest samples a GPU is given (default 2 with BatchNorm, else 1)",
+    )
+    @argument(
         "--sync-bn",
         action="store_true",
         help="--engine ddp on GPUs: BatchNorm → SyncBatchNorm (statistics of the whole batch)",
@@ -349,6 +356,7 @@ class AdaptiveMagics(Magics):
             "engine": args.engine,
             "workers": args.workers,
             "sync_bn": args.sync_bn,
+            "min_chunk": args.min_chunk,
             **extras,
         }
         if args.background:

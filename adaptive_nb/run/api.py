@@ -73,6 +73,7 @@ def _prepare(
     engine: str = "dataparallel",
     workers: int | None = None,
     sync_bn: bool = False,
+    min_chunk: int | None = None,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -82,6 +83,13 @@ def _prepare(
     if not control_interval > 0:
         raise UsageError(f"control_interval must be positive, got {control_interval}.")
     spec = parse_devices(devices)
+    if min_chunk is not None and (
+        isinstance(min_chunk, bool) or not isinstance(min_chunk, int) or min_chunk < 1
+    ):
+        raise UsageError(
+            f"min_chunk (--min-chunk) must be a whole number ≥ 1, got {min_chunk!r}: it is the "
+            "fewest samples a GPU is given (default: 2 when the model has BatchNorm, else 1)."
+        )
     world_size = check_engine_options(
         engine,
         workers,
@@ -123,7 +131,11 @@ def _prepare(
     run_data: Any = data
     if world_size is None:
         backend, controller, snapshots = build_backend(
-            spec, policy=policy, headroom=float(headroom), control_interval=control_interval
+            spec,
+            policy=policy,
+            headroom=float(headroom),
+            control_interval=control_interval,
+            min_chunk=min_chunk,
         )
     else:
         backend, controller, snapshots, run_data = build_ddp_run(
@@ -202,6 +214,7 @@ def train(
     engine: str = "dataparallel",
     workers: int | None = None,
     sync_bn: bool = False,
+    min_chunk: int | None = None,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -289,6 +302,9 @@ def train(
       model and optimizer hold the state of the last completed step. Not yet with
       ``accumulate``, ``precision``, ``evaluate`` or checkpoints (refused up front).
       ``sync_bn=True`` converts BatchNorm to ``SyncBatchNorm`` on the ranks (GPU ranks).
+    - ``min_chunk``: the fewest samples weighted DataParallel gives a GPU (a smaller share
+      gives it none that step); default 2 when the model has BatchNorm (whose statistics
+      are per replica, as in plain DataParallel), else 1.
 
     **The step body may run more than once per applied step**: an out-of-memory retry
     re-runs it on the same batch, and micro-batches and accumulated batches run it once
@@ -332,6 +348,7 @@ def train(
         engine=engine,
         workers=workers,
         sync_bn=sync_bn,
+        min_chunk=min_chunk,
     )
     slot.set_last(run)
     return run.execute()

@@ -28,9 +28,15 @@ log = logging.getLogger("adaptive_nb")
 
 
 def build_backend(
-    spec: DeviceSpec, *, policy: str, headroom: float, control_interval: float
+    spec: DeviceSpec,
+    *,
+    policy: str,
+    headroom: float,
+    control_interval: float,
+    min_chunk: int | None = None,
 ) -> tuple[Engine, Controller, SnapshotSource | None]:
-    """Engine, controller and snapshot source for a device spec."""
+    """Engine, controller and snapshot source for a device spec (``min_chunk``: the fewest
+    samples a GPU of weighted DataParallel is given; None: 2 with BatchNorm, else 1)."""
     if spec.kind == "sim":
         provider = device_provider("sim")
         engine, controller, source = provider(
@@ -43,6 +49,7 @@ def build_backend(
         tell_monitor_own_memory(monitor, list(spec.gpu_ids))  # NVML PIDs miss us in containers
         gpu_engine, gpu_controller = build_gpu_run(
             list(spec.gpu_ids),
+            min_chunk=min_chunk,
             policy=policy,
             headroom=headroom,
             control_interval=control_interval,
@@ -74,10 +81,11 @@ def build_gpu_run(
     headroom: float,
     control_interval: float,
     snapshots: SnapshotSource | None,
+    min_chunk: int | None = None,
 ) -> tuple[DataParallelEngine, AllocationController]:
     """Weighted DataParallel engine over CUDA ``device_ids`` (the first is the primary) and
     its allocation controller."""
-    engine = DataParallelEngine(list(device_ids))
+    engine = DataParallelEngine(list(device_ids), min_chunk)
     controller = AllocationController(
         engine,
         policy=policy,
