@@ -335,9 +335,7 @@ class DDPEngine(Engine):
         """The ranks' model and optimizer state into the kernel's objects. The kernel's
         hyper-parameters stay as they are: a scheduler stepped them after the last update
         the ranks applied (the ranks only ever see them with the next update)."""
-        hyper = [
-            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
-        ]
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group, kept in zip(self.optimizer.param_groups, hyper, strict=True):
