@@ -69,23 +69,39 @@ def test_primary_failure_stops_cleanly_with_the_partial_report(tmp_path: Path) -
     assert adaptive_nb.active_run() is None
 
 
-def run_sim(path: str, steps: int = 60) -> Any:
+def run_sim(path: str, policy: str = "adaptive", steps: int = 60) -> Any:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = [(x.repeat(16, 1), y.repeat(16)) for x, y in make_data()]  # batch 256
     return adaptive_nb.train(
-        ce_step, model=model, optimizer=opt, data=data, steps=steps, devices=f"sim:{path}"
+        ce_step,
+        model=model,
+        optimizer=opt,
+        data=data,
+        steps=steps,
+        devices=f"sim:{path}",
+        policy=policy,
     )
 
 
-def test_report_compares_with_the_static_split(tmp_path: Path) -> None:
+def test_adaptive_is_measured_against_the_static_split(tmp_path: Path) -> None:
+    """Measured, not predicted: the same fleet run again with ``policy="static"`` (virtual
+    time, seeded noise, so both rates are deterministic). The controller's own
+    ``speedup_vs_static_predicted`` is only checked to exist and to be labelled predicted:
+    holding a model's prediction of itself to a threshold would test nothing."""
     same = run_sim(scenario(tmp_path, []))
-    assert 0.95 <= same.summary["speedup_vs_static_predicted"] <= 1.05
+    same_static = run_sim(scenario(tmp_path, []), policy="static")
+    assert same.summary["steps"] == same_static.summary["steps"] == 60
+    # identical GPUs: the equal split is already right, adapting must not cost throughput
+    assert same.summary["samples_per_s"] >= 0.97 * same_static.summary["samples_per_s"]
     mixed_path = tmp_path / "mixed"
     mixed_path.mkdir()
-    mixed = run_sim(scenario(mixed_path, [], speeds=(1753, 882, 274)))
-    # an equal split waits for the slowest GPU; the weighted split does not
-    assert mixed.summary["speedup_vs_static_predicted"] > 1.3
+    mixed_fleet = scenario(mixed_path, [], speeds=(1753, 882, 274))
+    mixed = run_sim(mixed_fleet)
+    mixed_static = run_sim(mixed_fleet, policy="static")
+    # an equal split waits for the slowest GPU (274 samples/s); the weighted split does not
+    assert mixed.summary["samples_per_s"] > 1.5 * mixed_static.summary["samples_per_s"]
+    assert "speedup_vs_static_predicted" in mixed.summary
     assert "Speed-up vs static split (predicted)" in mixed._repr_html_()
 
 
