@@ -31,6 +31,7 @@ from .device_state import AllocatableEngine, DeviceState
 from .plan_edits import add_micro_batch, gain_text, same_layout, with_prediction
 from .planner import DeviceModel, Overhead, best_plan, evaluate, static_plan
 from .probe import Readmission, probe_plan
+from .shapes import ShapeMemory, stable_chunks
 from .static_compare import StaticComparison
 
 __all__ = ["AllocatableEngine", "AllocationController"]
@@ -47,6 +48,8 @@ class AllocationController(Controller):
     its predicted gain is at least ``min_gain`` (device-set changes at most every
     ``set_change_interval`` seconds), except after faults, which re-plan at once.
     """
+
+    stable_shapes: bool = True  # round chunks to stable sizes (plan/shapes.py); False: exact
 
     def __init__(
         self,
@@ -98,6 +101,8 @@ class AllocationController(Controller):
         self.static = StaticComparison()  # the equal split users have today, predicted
         self._notices: list[Event] = []  # found while reading a snapshot, told at the tick
         self._unlisted_noted: set[int] = set()  # positions told about a PID namespace
+        self.shapes = ShapeMemory()  # chunk sizes each device has run (see plan/shapes.py)
+        self._fault = False  # a fault is re-planning: a new chunk size is allowed
         positions = [d.position for d in self.devices]
         first = static_plan(positions, len(positions), 0)
         assert first is not None
@@ -395,6 +400,10 @@ class AllocationController(Controller):
         self, new: Plan, now: float, step: int, cause: str, old_t: float | None = None
     ) -> list[Event]:
         old = self.plan
+        raw, new = new, self._stable(new, now)
+        if not cause and same_layout(new, old) and not same_layout(raw, old):
+            self._predicted = new.predicted_step_s or self._predicted
+            return []
         events: list[Event] = []
         old_set, new_set = set(old.devices), set(new.devices)
         for pos in sorted(old_set - new_set):
@@ -465,6 +474,41 @@ class AllocationController(Controller):
         self.engine.apply_plan(new)
         self._release(old_set - new_set)
         return events
+
+    def _stable(self, plan: Plan, now: float) -> Plan:
+        """``plan`` with its chunks rounded to stable sizes when the step-time models say
+        that costs under 2 % (see ``plan/shapes.py``): fewer cuDNN re-tunes and recompiles."""
+        if not self.stable_shapes or not plan.batch or self.policy == "static":
+            return plan
+        with contextlib.suppress(ValueError):  # the sizes run so far (the first plan too)
+            ran = micro_batch_sizes(self._batch or plan.batch, self.plan.micro_batches)[0]
+            self.shapes.record(self.plan.chunks(ran))
+        size = micro_batch_sizes(plan.batch, plan.micro_batches)[0]
+        try:
+            base = plan.chunks(size)
+        except ValueError:
+            return plan
+        models = {p: self._model(self.devices[p], now) for p in plan.devices}
+        if any(m is None for m in models.values()):
+            self.shapes.record(base)
+            return plan
+        overhead = self._overhead()
+
+        def cost(vec: list[int]) -> float:
+            used = [p for p in plan.devices if vec[p] > 0]
+            return max(models[p].time(vec[p]) for p in used) + overhead(len(used))  # type: ignore[union-attr]
+
+        min_chunk = int(getattr(self.engine, "effective_min_chunk", 1) or 1)
+        vec = stable_chunks(
+            base, plan.caps or None, cost, self.shapes, min_chunk=min_chunk, fault=self._fault
+        )
+        self.shapes.record(vec)
+        if vec == base:
+            return plan
+        shares = tuple(c / size for c in vec)
+        return Plan(
+            plan.devices, shares, plan.micro_batches, plan.batch, plan.predicted_step_s, plan.caps
+        )
 
     def _release(self, positions: set[int]) -> None:
         """Ask the engine to give back the cached memory of devices it no longer uses, so
@@ -566,6 +610,7 @@ class AllocationController(Controller):
 
     def _use(self, plan: Plan, predicted: float | None) -> None:
         """Put a plan in force without a decision event (a probe starts or ends)."""
+        plan = self._stable(plan, self._now)
         self.plan = plan
         self._predicted = predicted
         self.engine.apply_plan(plan)
@@ -611,7 +656,15 @@ class AllocationController(Controller):
                 step,
             )
         ]
-        return events + self._replan(now, step, forced=True, cause=f"out of memory at {b}")
+        return events + self._fault_replan(now, step, forced=True, cause=f"out of memory at {b}")
+
+    def _fault_replan(self, now: float, step: int, *, forced: bool, cause: str) -> list[Event]:
+        """Re-plan after a fault: the one case a device may get a chunk size it has not run."""
+        self._fault = True
+        try:
+            return self._replan(now, step, forced=forced, cause=cause)
+        finally:
+            self._fault = False
 
     def on_device_failure(self, error: DeviceFailure, now: float, step: int) -> list[Event]:
         if self._batch <= 0:
@@ -637,7 +690,7 @@ class AllocationController(Controller):
                 step,
             )
         ]
-        return events + self._replan(now, step, forced=True, cause=f"{d.name} failed")
+        return events + self._fault_replan(now, step, forced=True, cause=f"{d.name} failed")
 
     # -- requests -------------------------------------------------------------------------
     def set_policy(self, policy: str, now: float, step: int) -> list[Event]:
