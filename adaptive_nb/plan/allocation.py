@@ -4,7 +4,7 @@ one gets, re-decided every control tick from online models and forecasts.
 Policies: ``adaptive`` (device set + shares), ``weights`` (all devices, shares adapt),
 ``static`` (all devices, equal split: what plain ``nn.DataParallel`` does).
 
-Why one file of ~700 lines: the controller is one state machine (measurements, forecasts,
+Why one file of ~760 lines: the controller is one state machine (measurements, forecasts,
 re-plans, fault recovery, probes) whose methods share its per-device state; the parts that
 stand alone already live beside it (``device_state``, ``plan_edits``, ``probe``,
 ``static_compare``, ``planner``). Splitting the class itself would scatter one decision over
