@@ -26,8 +26,6 @@ from adaptive_nb.engine.replica_loss import gather_weighted
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest.importorskip("sklearn", reason="the digits notebook needs scikit-learn (test extra)")
-
 
 @dataclass
 class Executed:
@@ -101,7 +99,6 @@ def test_digits_cnn_trains_stops_resumes_and_learns(
 def test_tiny_transformer_returns_its_own_loss_and_the_loss_falls(
     tmp_path: Path, nb_kernel: NotebookKernel
 ) -> None:
-    pytest.importorskip("tensorboard", reason="the notebook logs with --log tensorboard:DIR")
     nb = execute("tiny_transformer", tmp_path, nb_kernel)
     report = RunReport.from_json(nb.build / "tiny_transformer_report.json")
     assert report.summary["ended"] == "completed" and report.summary["steps"] == 50
