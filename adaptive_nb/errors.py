@@ -7,7 +7,11 @@ travel from an engine to the run loop, which re-plans and retries the same batch
 
 from __future__ import annotations
 
-__all__ = ["DeviceFailure", "LossError", "OutOfMemory", "UsageError"]
+import re
+
+__all__ = ["DeviceFailure", "LossError", "OutOfMemory", "UsageError", "is_oom"]
+
+_OOM_MESSAGE = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED")
 
 
 class UsageError(ValueError):
@@ -35,3 +39,12 @@ class DeviceFailure(RuntimeError):
     def __init__(self, message: str, device: int) -> None:
         super().__init__(message)
         self.device = device
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error: ours, torch's ``OutOfMemoryError`` (CUDA
+    or not), or a ``RuntimeError`` whose message says so (cuBLAS allocation failures
+    included). Torch-free: the class is recognised by name and message."""
+    if isinstance(exc, OutOfMemory) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and bool(_OOM_MESSAGE.search(str(exc)))
