@@ -221,3 +221,46 @@ def test_fp16_on_cuda_equals_a_plain_autocast_and_scaler_loop() -> None:
     assert report.summary["final_loss"] == pytest.approx(float(loss.detach()), rel=1e-3)
     for a, b in zip(params_of(ref), params_of(model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_reported_loss_is_unscaled_by_the_scale_the_step_used_when_the_scale_grows() -> None:
+    # growth_interval=1: every applied step doubles the scale in scaler.update(), after the
+    # step's losses were computed with the old one
+    scaler = CountingScaler()
+    scaler.inner = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+    seen: list[float] = []
+
+    class Record:
+        def on_step_end(self, step: int, loss: float, history: Any) -> None:
+            seen.append(loss)
+
+    model, opt = _setup()
+    options = check_training_options(optimizer=opt, device_kind="cpu", callbacks=[Record()])
+    run = loop.Run(
+        ce_step,
+        model=model,
+        optimizer=opt,
+        data=make_data(),
+        epochs=1,
+        steps=None,
+        engine=CpuEngine(),
+        controller=Planner(),
+        snapshots=None,
+        policy="static",
+        headroom=0.1,
+        training=Training(options, opt, device_type="cpu", scaler=scaler),
+    )
+    run.execute()
+
+    ref, ref_opt = _setup()
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+    expected = []
+    for x, y in make_data():
+        ref_opt.zero_grad()
+        loss = nn.functional.cross_entropy(ref(x), y)
+        expected.append(float(loss.detach()))
+        ref_scaler.scale(loss).backward()
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+    assert scaler.get_scale() == ref_scaler.get_scale() > 2.0**4
+    assert seen == pytest.approx(expected, rel=1e-5)

@@ -84,6 +84,7 @@ class Precision:
         if scaler is None and mode == "fp16":
             scaler = torch.amp.GradScaler(device_type)
         self.scaler: Scaler | None = scaler
+        self.step_scale = 1.0  # the scale the latest step's losses were multiplied by
 
     def wrap_body(self, step: StepFn) -> StepFn:
         dtype = PRECISIONS[self.mode]
@@ -92,10 +93,6 @@ class Precision:
     def scale_loss(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         scaler = self.scaler
         return None if scaler is None else scaler.scale
-
-    def loss_scale(self) -> float:
-        """The factor by which returned losses are scaled now (1 without a scaler)."""
-        return 1.0 if self.scaler is None else float(self.scaler.get_scale())
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscale the gradients in place (before clipping them)."""
@@ -112,6 +109,7 @@ class Precision:
             apply(optimizer.step)
             return True, ""
         before = float(scaler.get_scale())
+        self.step_scale = before  # update() below may change it: the losses used this one
         apply(lambda: scaler.step(optimizer))
         scaler.update()
         after = float(scaler.get_scale())

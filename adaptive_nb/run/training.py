@@ -175,9 +175,10 @@ class Training:
             self.buffer.stash()
 
     def report_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The group's mean loss, unscaled, from the (weighted, scaled) losses returned."""
+        """The group's mean loss, unscaled, from the (weighted, scaled) losses returned
+        (by the scale they were computed with, before the commit's ``scaler.update()``)."""
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        factor = self.precision.loss_scale()
+        factor = self.precision.step_scale
         return total if factor == 1.0 else total / factor
 
     # -- the optimizer step ----------------------------------------------------------------
