@@ -5,7 +5,6 @@ gradients cleared."""
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DeviceFailure, OutOfMemory
+from ..errors import DeviceFailure, OutOfMemory, is_oom
 from ..events import Event
 from ..step import StepFn, StepOutcome, check_loss
 from .rollback import OptimizerRollback, StepRollback, devices_of, optimizer_params
@@ -55,8 +54,6 @@ def forward_backward(
     *,
     on_oom: Callable[[OutOfMemory], Sequence[Event]],
     on_device_failure: Callable[[DeviceFailure], Sequence[Event]],
-    model: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
     rollback: StepRollback | None = None,
 ) -> tuple[StepOutcome, int]:
     """Run ``run_step`` (gradients cleared first), retrying the same batch after each
@@ -65,12 +62,10 @@ def forward_backward(
     the number of out-of-memory errors recovered on the way; re-raises after
     :data:`MAX_RETRIES` retries.
 
-    Given the ``model`` (and its ``optimizer``), a retry starts from exactly the state the
-    first attempt saw: buffers (batch-norm running statistics) and the gradients of
-    parameters outside the optimizer are restored (:class:`.rollback.StepRollback`; pass a
-    ``rollback`` kept across steps to reuse its buffer copies)."""
-    if rollback is None and model is not None:
-        rollback = StepRollback(model, optimizer)
+    Given a ``rollback`` (:class:`.rollback.StepRollback`, kept across steps so that its
+    buffer copies are reused), a retry starts from exactly the state the first attempt saw:
+    buffers (batch-norm running statistics) and the gradients of parameters outside the
+    optimizer are restored."""
     if rollback is not None:
         rollback.take()
     retries = 0
@@ -133,13 +128,6 @@ def _drop_traceback(err: BaseException) -> None:
 
 
 _STEPPED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-_OOM_MESSAGE = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, OutOfMemory)):
-        return True
-    return isinstance(exc, RuntimeError) and bool(_OOM_MESSAGE.search(str(exc)))
 
 
 def _free_cache(devices: Sequence[torch.device]) -> None:
@@ -190,7 +178,7 @@ def apply_optimizer_step(
         try:
             run()
         except Exception as exc:
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             first_line = (str(exc).splitlines() or ["out of memory"])[0]
             _drop_traceback(exc)

@@ -71,6 +71,10 @@ _ALLOCATION_KINDS = frozenset(
 )
 
 
+def _nothing() -> None:
+    pass
+
+
 class Run:
     """One training run: its state, its control mailbox, and (when finished) its report."""
 
@@ -256,15 +260,12 @@ class Run:
     def _forward_backward(self, batch: Any) -> StepOutcome:
         """Forward + backward of one batch (retried by :func:`.attempt.forward_backward`).
         An out-of-memory counts as recovered only once the batch went through."""
-        rollback: StepRollback | None = getattr(self, "_step_rollback", None)
-        if rollback is None:  # kept across steps: its buffer copies are reused
-            rollback = self._step_rollback = StepRollback(self.model, self.optimizer)
         outcome, ooms = forward_backward(
             lambda: self.engine.forward_backward(self.step_fn, batch),
-            lambda: self.optimizer.zero_grad(set_to_none=True),
+            self._zero_grad,
             on_oom=self._on_oom,
             on_device_failure=self._on_device_failure,
-            rollback=rollback,
+            rollback=self._rollback,
         )
         self.oom_recovered += ooms
         return outcome
@@ -333,6 +334,13 @@ class Run:
         self.model.train()  # a model left in eval mode would train with BatchNorm frozen
         model = self.engine.prepare(self.model)
         align_optimizer_state(self.optimizer)
+        if getattr(self.engine, "owns_optimizer_step", False):
+            # the ranks hold the training state (engine="ddp"): nothing here to roll back
+            self._rollback: StepRollback | None = None
+            self._zero_grad: Callable[[], None] = _nothing
+        else:  # built once: its buffer copies are reused every step
+            self._rollback = StepRollback(self.model, self.optimizer)
+            self._zero_grad = lambda: self.optimizer.zero_grad(set_to_none=True)
         wrapped_step = self.step_fn
         self.step_fn = lambda _m, b: wrapped_step(model, b)
         self._t0 = self.engine.clock()

@@ -41,6 +41,8 @@ class StepRollback:
         owned = {id(p) for p in optimizer_params(optimizer)} if optimizer is not None else set()
         self._foreign = [p for p in model.parameters() if id(p) not in owned]
         self._buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        self._sources: list[torch.Tensor] = []  # the buffers, and their kept copies
+        self._copies: list[torch.Tensor] = []
         self._grads: list[torch.Tensor | None] = []
         self._takes = 0
 
@@ -52,9 +54,9 @@ class StepRollback:
         self._takes += 1
         if self._stale() or self._takes % self.REWALK == 1:
             self._walk()
-        with torch.no_grad():
-            for _, _, buf, copy in self._buffers:
-                copy.copy_(buf)
+        if self._sources:
+            with torch.no_grad():
+                _copy_all(self._copies, self._sources)
         self._grads = [None if p.grad is None else p.grad.detach().clone() for p in self._foreign]
 
     REWALK = 100
@@ -78,6 +80,8 @@ class StepRollback:
                     copy = torch.empty_like(buf)
                 kept.append((module, name, buf, copy))
         self._buffers = kept
+        self._sources = [buf for _, _, buf, _ in kept]
+        self._copies = [copy for _, _, _, copy in kept]
 
     def restore(self) -> None:
         """Put every buffer (in place: replicas and user references stay valid) and every
@@ -150,3 +154,14 @@ def devices_of(tensors: Iterable[torch.Tensor]) -> list[torch.device]:
         if t.device not in seen:
             seen.append(t.device)
     return seen
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all ``i``: one multi-tensor kernel where torch has it
+    (one launch per step instead of one per buffer)."""
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        foreach_copy(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
