@@ -8,8 +8,8 @@ Goals (from the simulator-v2 issue): adaptive / oracle >= 0.96 on today's kinds 
 >= 0.95 where the truth departs from the planner's model (curves, slowdowns NVML does not
 show, forward fractions), >= 0.85 with flapping load or monitor lag; never below static
 (within the 2 % this file has always allowed for noise); no failed adaptive run; every
-out-of-memory recovered. Goals the planner misses are ``xfail(strict=True)`` with the gap
-named: planner work, not a reason to weaken the goal.
+out-of-memory recovered. (They hold because the engine measures backward per device; an
+engine that estimated it as 2 x forward would miss two of them: ``--backward-estimate``.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import pytest
 
 from adaptive_nb.bench.__main__ import main
 from adaptive_nb.bench.runner import compare
-from adaptive_nb.sim.fleet import BACKWARD_FACTOR
 from adaptive_nb.sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,16 +65,6 @@ FLOOR = {
     "memory_bursts_lag": FLAPPING_OR_LAG,
     "everything_eight_gpu": FLAPPING_OR_LAG,
 }
-_BACKWARD_GAP = (
-    "planner gap: the DataParallel engine times forward and *estimates* backward as "
-    "BACKWARD_FACTOR x forward, so a device whose forward is 20% of its compute is "
-    "reported 0.6x its true time (50%: 1.5x); the controller trusts device_time_s and "
-    "overloads it. Needs a measured backward, or per-device calibration against step "
-    "wall time. (Only while the engine exports BACKWARD_FACTOR: once it measures "
-    "backward the simulated engine reports true times and these goals must hold.)"
-)
-MISSED_VS_ORACLE = {"forward_fraction_mix": _BACKWARD_GAP, "everything_eight_gpu": _BACKWARD_GAP}
-MISSED_VS_STATIC = {"forward_fraction_mix": _BACKWARD_GAP}
 
 _cache: dict[str, dict[str, Any]] = {}
 
@@ -84,21 +73,6 @@ def result(path: Path) -> dict[str, Any]:
     if path.stem not in _cache:
         _cache[path.stem] = compare(load_scenario(path))
     return _cache[path.stem]
-
-
-def _params(missed: dict[str, str]) -> list[Any]:
-    return [
-        pytest.param(
-            p,
-            id=p.stem,
-            marks=[
-                pytest.mark.xfail(BACKWARD_FACTOR is not None, strict=True, reason=missed[p.stem])
-            ]
-            if p.stem in missed
-            else [],
-        )
-        for p in SCENARIOS
-    ]
 
 
 def test_required_scenarios_are_shipped_and_every_one_has_a_goal() -> None:
@@ -118,12 +92,12 @@ def test_no_failed_adaptive_run_and_every_oom_recovered(path: Path) -> None:
     assert a["prediction_mape_pct"] is not None and a["prediction_mape_pct"] < 10.0
 
 
-@pytest.mark.parametrize("path", _params(MISSED_VS_ORACLE))
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_adaptive_vs_oracle(path: Path) -> None:
     assert result(path)["ratio_vs_oracle"] >= FLOOR[path.stem]
 
 
-@pytest.mark.parametrize("path", _params(MISSED_VS_STATIC))
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_never_below_static(path: Path) -> None:
     assert result(path)["ratio_vs_static"] >= 0.98
 

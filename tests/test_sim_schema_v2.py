@@ -16,8 +16,7 @@ from adaptive_nb.bench.runner import run_oracle, run_policy
 from adaptive_nb.errors import DeviceFailure, OutOfMemory, UsageError
 from adaptive_nb.events import EventKind
 from adaptive_nb.sim import SimSnapshots, SimulatedEngine, load_scenario
-from adaptive_nb.sim import fleet as fleet_module
-from adaptive_nb.sim.fleet import BACKWARD_FACTOR, Fleet
+from adaptive_nb.sim.fleet import Fleet
 from adaptive_nb.sim.scenario import parse_scenario
 
 CURVE = [[8, 20.0], [32, 50.0], [64, 90.0]]
@@ -179,18 +178,17 @@ def test_without_slowdown_fields_the_multiplier_is_one_over_free_share(tmp_path:
 @pytest.mark.parametrize("fraction", [None, 0.2, 0.5])
 def test_engine_reports_what_the_real_engine_measures(
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     fraction: float | None,
     backward_factor: float | None,
 ) -> None:
-    """While the real engine estimates backward as BACKWARD_FACTOR x forward, the
-    simulated one reports ``forward_fraction · compute · (1 + BACKWARD_FACTOR)``; once the
-    real engine measures backward (no BACKWARD_FACTOR to import), the true compute."""
-    monkeypatch.setattr(fleet_module, "BACKWARD_FACTOR", backward_factor)
+    """Measuring backward (as the real engine does), the simulated engine reports the true
+    compute; simulating an engine that estimates backward as F x forward, it reports
+    ``forward_fraction · compute · (1 + F)``."""
     d = dev(samples_per_s=1000, alpha_ms=4)
     if fraction is not None:
         d["forward_fraction"] = fraction
     engine, _ = _engine(tmp_path, spec(devices=[d, dev(samples_per_s=1000)], primary_extra_ms=5))
+    engine.fleet.backward_factor = backward_factor
     out = engine.simulate_step(64)
     true_compute = 4 + 32  # ms, device 0 (primary) gets 32 of 64
     f = 1 / 3 if fraction is None else fraction
@@ -203,12 +201,6 @@ def test_engine_reports_what_the_real_engine_measures(
     assert sum(phases.values()) == pytest.approx(out.device_time_s[0])
     if fraction is None:  # the default reproduces the true time, as before v2
         assert out.device_time_s[0] == pytest.approx((true_compute + 5) / 1000)
-
-
-def test_the_backward_estimate_is_the_real_engines() -> None:
-    from adaptive_nb.engine import dataparallel
-
-    assert getattr(dataparallel, "BACKWARD_FACTOR", None) == BACKWARD_FACTOR
 
 
 # -- monitor lag ---------------------------------------------------------------------------

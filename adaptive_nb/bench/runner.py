@@ -18,7 +18,7 @@ from ..events import Event
 from ..plan.allocation import AllocationController
 from ..run.loop import Run
 from ..sim.engine import SimulatedEngine
-from ..sim.fleet import BACKWARD_FACTOR, DeviceState, Fleet
+from ..sim.fleet import DeviceState, Fleet
 from ..sim.nvml import SimSnapshots
 from ..sim.scenario import Scenario
 from ..step import StepFn, StepOutcome
@@ -208,8 +208,7 @@ def run_oracle(scenario: Scenario) -> PolicyResult:
 
 
 def _backward_method(estimate: float | None) -> str:
-    factor = BACKWARD_FACTOR if estimate is None else estimate
-    return "measured" if factor is None else f"estimated as {factor:g} x forward"
+    return "measured" if estimate is None else f"estimated as {estimate:g} x forward"
 
 
 def compare(

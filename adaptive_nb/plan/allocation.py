@@ -14,6 +14,7 @@ several files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -506,9 +507,7 @@ class AllocationController(Controller):
         if vec == base:
             return plan
         shares = tuple(c / size for c in vec)
-        return Plan(
-            plan.devices, shares, plan.micro_batches, plan.batch, plan.predicted_step_s, plan.caps
-        )
+        return dataclasses.replace(plan, shares=shares)
 
     def _release(self, positions: set[int]) -> None:
         """Ask the engine to give back the cached memory of devices it no longer uses, so

@@ -3,6 +3,7 @@ controller makes between planner calls (kept apart so the controller stays reada
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..layout import Plan
@@ -11,14 +12,7 @@ __all__ = ["add_micro_batch", "gain_text", "same_layout", "with_prediction"]
 
 
 def with_prediction(plan: Plan, t: float) -> Plan:
-    return Plan(
-        devices=plan.devices,
-        shares=plan.shares,
-        micro_batches=plan.micro_batches,
-        batch=plan.batch,
-        predicted_step_s=None if math.isinf(t) else t,
-        caps=plan.caps,
-    )
+    return dataclasses.replace(plan, predicted_step_s=None if math.isinf(t) else t)
 
 
 def same_layout(a: Plan, b: Plan) -> bool:
@@ -31,13 +25,9 @@ def same_layout(a: Plan, b: Plan) -> bool:
 
 
 def add_micro_batch(plan: Plan, batch: int) -> Plan:
-    return Plan(
-        devices=plan.devices,
-        shares=plan.shares,
-        micro_batches=min(max(batch, 1), plan.micro_batches + 1),
-        batch=batch,
-        predicted_step_s=None,
-        caps=plan.caps,
+    micro_batches = min(max(batch, 1), plan.micro_batches + 1)
+    return dataclasses.replace(
+        plan, micro_batches=micro_batches, batch=batch, predicted_step_s=None
     )
 
 

@@ -45,9 +45,6 @@ class ShapeMemory:
                 have.remove(c)
             have.append(c)
 
-    def distinct(self, position: int) -> int:
-        return len(self.seen.get(position, []))
-
 
 def _candidates(
     base: int, cap: int, min_chunk: int, seen: Sequence[int], full: bool, multiple: int

@@ -12,13 +12,13 @@ primary) and runs out of memory when that exceeds ``memory_gb − external_mem_g
 external memory of all active events adds up). A failed device errors on every use. The
 state at the start of a step holds for the whole step.
 
-What the engine *reports* is what the real DataParallel engine would measure, by the same
-method. While that engine times forward and estimates backward as
-``BACKWARD_FACTOR × forward`` (the constant it exports), the reported device time is
-``forward_fraction · t · (1 + BACKWARD_FACTOR)`` (plus ``primary_extra_ms``, as before
-v2): with the default forward fraction 1/3 and factor 2 that is the true time, with
-another fraction the planner is fed the real engine's error. Once the engine measures
-backward (it no longer exports the constant) the report is the true time.
+What the engine *reports* is what the real DataParallel engine measures, by the same
+method: forward and backward per device (the true time, split by ``forward_fraction``),
+plus ``primary_extra_ms`` on the primary as the loss. ``Fleet.backward_factor`` set to a
+number simulates an engine that *estimates* backward as that factor × forward instead
+(``python -m adaptive_nb.bench --backward-estimate F``): the reported device time is then
+``forward_fraction · t · (1 + F)``, and with another forward fraction than ``1/(1 + F)``
+the planner is fed that estimate's error.
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..engine import dataparallel as _real_engine
 from ..errors import DeviceFailure, OutOfMemory
 from .clock import VirtualClock
 from .scenario import Scenario
 
-__all__ = ["BACKWARD_FACTOR", "DeviceState", "Fleet", "FleetStep"]
-
-# The real engine's backward estimate; None once it measures backward (then report truth).
-BACKWARD_FACTOR: float | None = getattr(_real_engine, "BACKWARD_FACTOR", None)
+__all__ = ["DeviceState", "Fleet", "FleetStep"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ class Fleet:
         self.n = len(scenario.devices)
         # how the engine measures backward (see the module docstring); the benchmark may
         # set an estimate factor to simulate an engine that estimates it
-        self.backward_factor = BACKWARD_FACTOR
+        self.backward_factor: float | None = None  # None: backward measured, as for real
         self.busy: dict[int, float] = {}  # position -> busy fraction in the last step
         self.mem_mb: dict[int, float] = {}  # position -> this run's memory in the last step
         # (virtual time, busy, memory) after each step: what a lagging monitor looks back on
@@ -117,10 +113,6 @@ class Fleet:
         if primary and self.scenario.primary_extra_ms > 0:
             out["loss"] = self.scenario.primary_extra_ms / 1000.0
         return out
-
-    def reported_s(self, i: int, compute_ms: float, primary: bool) -> float:
-        """What the engine reports as the device's time (the sum of its phases)."""
-        return sum(self.reported_phases(i, compute_ms, primary).values())
 
     def comm_s(self, k: int) -> float:
         c = self.scenario.comm
