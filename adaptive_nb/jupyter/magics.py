@@ -313,7 +313,7 @@ class AdaptiveMagics(Magics):
         )
         ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
         loss_name = args.loss
-        step: Any = CellStep(code, ns, loss_name=loss_name, raw=model, raw_name=args.model)
+        step: Any
         if args.engine == "ddp":  # the ranks cannot see this namespace: ship what it uses
             step = ship_cell(
                 "\n" + self.shell.transform_cell(cell),  # type: ignore[union-attr]
@@ -321,6 +321,8 @@ class AdaptiveMagics(Magics):
                 loss_name=loss_name,
                 skip={args.model, args.optimizer, args.data},
             )
+        else:
+            step = CellStep(code, ns, loss_name=loss_name, raw=model, raw_name=args.model)
 
         observers: list[Any] = []
         publisher = _status_publisher()
