@@ -7,6 +7,7 @@ each giving its own rule for a single tensor.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +17,8 @@ __all__ = ["batch_size_of", "first_batch_size", "iter_tensors", "move_to", "spli
 
 
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor of a nested tuple/list/dict structure, in order (dict values in order)."""
+    """Every tensor of a nested tuple/list/dict/dataclass structure, in order (dict values
+    and dataclass fields in order)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
@@ -25,6 +27,9 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from iter_tensors(v)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name))
 
 
 def batch_size_of(batch: Any) -> int:

@@ -29,8 +29,8 @@ GatherFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 def weighted_scalar(gathered: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """``Σ wᵢ · gathered[i]`` for the vector of per-replica scalars ``gather`` made."""
-    w = torch.tensor(list(weights), dtype=gathered.dtype, device=gathered.device)
-    return (gathered.reshape(-1) * w).sum()
+    flat = gathered.reshape(-1)  # Python-float weights: no host-to-device copy per step
+    return sum((flat[i] * float(w) for i, w in enumerate(weights)), flat.new_zeros(()))
 
 
 def _is_namedtuple(obj: Any) -> bool:

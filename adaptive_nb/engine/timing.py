@@ -25,11 +25,13 @@ bracketing is testable on the CPU with a fake clock.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from ..batches import iter_tensors
 
 __all__ = [
     "CudaEventClock",
@@ -94,22 +96,6 @@ def seconds_by_position(
     return out
 
 
-def _map(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        mapping_type: Any = type(obj)
-        return mapping_type((k, _map(v, fn)) for k, v in obj.items())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = [f.name for f in dataclasses.fields(obj) if f.init]
-        return dataclasses.replace(obj, **{n: _map(getattr(obj, n), fn) for n in fields})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(v, fn) for v in obj)
-    return obj
-
-
 def mark_backward_start(output: Any, callback: Callable[[], None]) -> list[Any]:
     """Call ``callback`` once, when the gradient of the first of ``output``'s
     grad-requiring tensors arrives (the replica's backward starts there). A tensor hook,
@@ -123,15 +109,11 @@ def mark_backward_start(output: Any, callback: Callable[[], None]) -> list[Any]:
             fired = True
             callback()
 
-    handles: list[Any] = []
-
-    def hook(t: torch.Tensor) -> torch.Tensor:
-        if t.requires_grad:
-            handles.append(t.register_hook(once))  # type: ignore[no-untyped-call]
-        return t
-
-    _map(output, hook)
-    return handles
+    return [
+        t.register_hook(once)  # type: ignore[no-untyped-call]
+        for t in iter_tensors(output)
+        if t.requires_grad
+    ]
 
 
 class _ReplicaEnd(torch.autograd.Function):
