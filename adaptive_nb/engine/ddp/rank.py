@@ -23,8 +23,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ...batches import move_to, split_nested
+from ...batches import move_to
+from ...errors import is_oom
 from ...step import check_loss
+from ..microbatch import split_batch
 from .data import BatchToken, DataSource, load_slice
 from .scaling import RankLayout, loss_weight, rank_layout, slice_bounds
 
@@ -34,12 +36,6 @@ __all__ = ["RankJob", "StepFailed", "is_oom"]
 class StepFailed(Exception):
     """An out-of-memory this rank cannot recover from in step with the others (its
     synchronised backward had begun): the group must be restarted."""
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-    )
 
 
 class _HookState:
@@ -98,7 +94,8 @@ class RankJob:
         ]
         self.history: list[tuple[int, int]] = []  # (step, samples on this rank) per attempt
         self.applied = 0
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []  # copies of the buffers, saved each step
+        self._buffer_sources: list[torch.Tensor] = []  # the buffers they were copied from
         self._process = psutil.Process()
 
     def _returned(self) -> None:
@@ -117,9 +114,10 @@ class RankJob:
         self.plans.append((from_step, shares, micro_batches, caps))
 
     def layout(self, token: BatchToken) -> RankLayout:
-        _, shares, micro, caps = max(
-            (p for p in self.plans if p[0] <= token.step), key=lambda p: p[0]
-        )
+        chosen = max((p for p in self.plans if p[0] <= token.step), key=lambda p: p[0])
+        # steps only move forward: earlier plans are never chosen again
+        self.plans = [p for p in self.plans if p[0] >= chosen[0]]
+        _, shares, micro, caps = chosen
         return rank_layout(shares, token.batch, micro, caps)
 
     # -- one step ---------------------------------------------------------------------------
@@ -130,7 +128,7 @@ class RankJob:
         no longer join."""
         lay = self.layout(token)
         self.optimizer.zero_grad(set_to_none=True)
-        self._buffers = [b.detach().clone() for b in self.module.buffers()]
+        self._save_buffers()
         start, stop = slice_bounds(lay.sizes, self.rank)
         mine = lay.sizes[self.rank]
         self.history.append((token.step, mine))
@@ -173,8 +171,8 @@ class RankJob:
     def _pieces(
         self, batch: Any, pieces: tuple[int, ...], total: int, stats: dict[str, float]
     ) -> float:
-        parts = [batch] if len(pieces) == 1 else self._split(batch, pieces)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        parts = [batch] if len(pieces) == 1 else split_batch(batch, pieces)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for j, (piece, n) in enumerate(zip(parts, pieces, strict=True)):
             synced = j == len(pieces) - 1
             self._in_synced = synced
@@ -198,20 +196,9 @@ class RankJob:
             else:
                 stats["backward_s"] += t2 - t1
             if n > 0:
-                loss_sum += loss.detach().to("cpu", torch.float64) * n
+                loss_sum += loss.detach().double() * n  # on the device: no sync per piece
         self._in_synced = False
-        return float(loss_sum)
-
-    @staticmethod
-    def _split(batch: Any, pieces: tuple[int, ...]) -> list[Any]:
-        total = sum(pieces)
-
-        def cut(t: torch.Tensor) -> list[Any]:
-            if t.dim() > 0 and t.shape[0] == total:
-                return list(torch.split(t, list(pieces), dim=0))
-            return [t] * len(pieces)
-
-        return split_nested(batch, len(pieces), cut)
+        return float(loss_sum)  # the one device-to-host copy of the step
 
     def _join_empty(self, token: BatchToken) -> None:
         """After an out-of-memory before the synchronised backward: join the step's
@@ -223,6 +210,22 @@ class RankJob:
         loss = check_loss(self.step_fn(self.ddp, empty))
         (loss * 0.0).backward()  # type: ignore[no-untyped-call]
         self._in_synced = False
+
+    def _save_buffers(self) -> None:
+        """Copy the module's buffers into the saved copies, allocated on first use (again
+        only when a buffer was replaced or changed shape or dtype)."""
+        bufs = list(self.module.buffers())
+        reuse = len(bufs) == len(self._buffer_sources) and all(
+            b is src and saved.shape == b.shape and saved.dtype == b.dtype
+            for b, src, saved in zip(bufs, self._buffer_sources, self._buffers, strict=True)
+        )
+        if not reuse:
+            self._buffer_sources = bufs
+            self._buffers = [b.detach().clone() for b in bufs]
+            return
+        with torch.no_grad():
+            for saved, b in zip(self._buffers, bufs, strict=True):
+                saved.copy_(b)
 
     def _restore_buffers(self) -> None:
         with torch.no_grad():
