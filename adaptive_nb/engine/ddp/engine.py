@@ -40,7 +40,6 @@ from .data import BatchToken, describe_data, iter_tokens
 from .errors import DDPStartError, WorkerLost, remote_error
 from .launcher import WorkerGroup
 from .payload import dumps_job
-from .scaling import rank_layout
 from .validate import check_job
 
 __all__ = ["DDPEngine"]
@@ -124,7 +123,6 @@ class DDPEngine(Engine):
         self._running = False
         self._closed = False
         self._busy = False  # a step command whose replies have not all been read
-        self.last_wait_s: dict[int, float] = {}
         self.last_replies: dict[int, dict[str, Any]] = {}
         self.recovered_from: int | None = None  # the rank whose state came home after a failure
 
@@ -219,7 +217,6 @@ class DDPEngine(Engine):
         self._next_step = token.step + 1
         total = token.batch
         loss = sum(s["loss_sum"] for s in stats.values()) / total if total else 0.0
-        self.last_wait_s = {r: s["wait_s"] for r, s in stats.items()}
         return StepOutcome(
             loss=torch.tensor(loss),
             samples=total,
@@ -264,11 +261,6 @@ class DDPEngine(Engine):
     def gradients(self) -> dict[int, dict[str, torch.Tensor | None]]:
         """Per rank, the gradients of the last forward/backward (by parameter name)."""
         return {r: m[2] for r, m in self._command((ch.GRADS,), "reading gradients").items()}
-
-    def layout_of(self, token: BatchToken) -> list[int]:
-        """Samples per rank the current plan gives ``token``'s batch (as the ranks compute)."""
-        caps = tuple(self.plan.caps) if self.plan.caps else None
-        return list(rank_layout(self.plan.shares, token.batch, self.plan.micro_batches, caps).sizes)
 
     # -- replies and failures -----------------------------------------------------------------
     def _command(self, message: tuple[Any, ...], what: str) -> dict[int, tuple[Any, ...]]:
