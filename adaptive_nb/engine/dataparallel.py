@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..batches import batch_size_of
-from ..errors import DeviceFailure, OutOfMemory, UsageError
+from ..errors import DeviceFailure, OutOfMemory, UsageError, is_oom
 from ..layout import Plan
 from ..step import StepFn, StepOutcome
 from .base import Engine
@@ -43,7 +43,6 @@ _DEVICE_ERROR = re.compile(r"CUDA error|CUDA driver error|AcceleratorError")
 # Raised by the user's own code (bad labels, out-of-range indices), not by a broken device:
 # the user's exception must reach them unchanged.
 _USER_CUDA_ERROR = re.compile(r"device-side assert")
-_OOM = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def device_of_error(message: str) -> int | None:
@@ -223,18 +222,13 @@ class DataParallelEngine(Engine):
         end = self.clock_events.mark(primary)
         host_wall = time.perf_counter() - t0
         chunks = {p: c for p, c in enumerate(wrapper.step_chunks) if c > 0}
-        peaks = {
-            p: torch.cuda.max_memory_reserved(d) / 2**20 for p, d in enumerate(self.device_ids)
-        }
-        allocs = {
-            p: torch.cuda.max_memory_allocated(d) / 2**20 for p, d in enumerate(self.device_ids)
-        }
         self._steps += 1
         if self._steps > 1:  # the first step warms up kernels and the allocator
+            ids = self.device_ids  # peaks read only for positions that ran a chunk
             self._current = _Pending(
                 chunks,
-                {p: peaks[p] for p in chunks},
-                {p: allocs[p] for p in chunks},
+                {p: torch.cuda.max_memory_reserved(ids[p]) / 2**20 for p in chunks},
+                {p: torch.cuda.max_memory_allocated(ids[p]) / 2**20 for p in chunks},
                 m,
                 start,
                 end,
@@ -282,7 +276,7 @@ class DataParallelEngine(Engine):
         self._current = None
         if not isinstance(exc, RuntimeError):
             return exc
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or _OOM.search(msg):
+        if is_oom(exc):
             return OutOfMemory(
                 msg.splitlines()[0] if msg else "CUDA out of memory",
                 device=self.position_of(device_of_error(msg)),
