@@ -243,6 +243,9 @@ def test_describe_machine_cpu_only_mentions_other_failures() -> None:
 
 
 def test_memory_stays_flat_over_many_samples() -> None:
+    # A default monitor left running by an earlier test samples through the same code on
+    # its own thread (its rings still filling): stop it so only this monitor is measured.
+    stop_default_monitor()
     capacity = 64
     mon = monitor(capacity=capacity, nvml=FakeNvml([FakeGpu(processes=[(ME, 1.0)])]))
     for _ in range(2_000):
