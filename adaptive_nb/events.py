@@ -33,21 +33,27 @@ class EventKind:
     ERROR = "error"
     NOTICE = "notice"
     NONFINITE = "nonfinite"  # inf/NaN gradients: the optimizer step was skipped
-    EVAL = "eval"  # an evaluation ran (metrics in the detail and the report)
+    EVAL = "eval"  # an evaluation ran (its metrics in Event.metrics and the report)
     END = "end"
 
 
 @dataclass(frozen=True)
 class Event:
-    """Something the run did or decided. ``t`` is seconds since the run started."""
+    """Something the run did or decided. ``t`` is seconds since the run started;
+    ``metrics``: the numbers behind an ``EVAL`` event (None for other kinds), so that
+    front-ends never parse ``detail``, which is text for people."""
 
     t: float
     kind: str
     detail: str
     step: int = 0
+    metrics: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.metrics is None:
+            del out["metrics"]
+        return out
 
 
 @dataclass(frozen=True)

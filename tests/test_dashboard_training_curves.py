@@ -14,7 +14,6 @@ from torch import nn
 import adaptive_nb
 from adaptive_nb.events import Event, EventKind, Progress, RunInfo
 from adaptive_nb.jupyter.dashboard import Dashboard, click_delivery
-from adaptive_nb.jupyter.dashboard.curves import parse_eval_detail
 from adaptive_nb.run.control import RunControl
 from adaptive_nb.run.report import RunReport
 
@@ -39,15 +38,20 @@ def info() -> RunInfo:
     return RunInfo("r1", 100, 1, "adaptive", ["cpu"], False, 16, 0.0)
 
 
-def test_parse_eval_detail_reads_the_loops_format() -> None:
-    assert parse_eval_detail("evaluate after step 6: val_loss 0.9821, top 1 acc 0.5") == {
-        "val_loss": 0.9821,
-        "top 1 acc": 0.5,
-    }
-    got = parse_eval_detail("ev after step 2: a 1e-05, b -3.5, c nan, d inf, broken")
-    assert got["a"] == 1e-05 and got["b"] == -3.5 and got["d"] == float("inf")
-    assert got["c"] != got["c"] and "broken" not in got  # NaN kept, junk left out
-    assert parse_eval_detail("no metrics here") == {}
+def test_eval_curves_take_the_events_numbers_not_its_text() -> None:
+    dash = make()
+    dash.on_start(info())
+    # text that would read differently: the numbers travel in Event.metrics
+    detail = "evaluate after step 2: val_loss 9, top 1 acc 9"
+    dash.on_event(Event(0.1, EventKind.EVAL, detail, 2, {"val_loss": 0.98, "top 1 acc": 0.5}))
+    dash.on_event(Event(0.2, EventKind.EVAL, "evaluate after step 3: nothing", 3, None))
+    dash.on_event(Event(0.3, EventKind.EVAL, "text", 4, {"val_loss": 0.75, "top 1 acc": 0.625}))
+    dash.flush()
+    curves = dash.curves
+    assert curves is not None
+    assert list(curves.eval_lines.labels) == ["val_loss", "top 1 acc"]
+    assert list(curves.eval_lines.x) == [2.0, 4.0]
+    assert curves.eval_lines.y.tolist() == [[0.98, 0.75], [0.5, 0.625]]
 
 
 def test_lr_and_eval_curves_from_progress_and_events() -> None:
@@ -58,8 +62,9 @@ def test_lr_and_eval_curves_from_progress_and_events() -> None:
         clock.now += 1.0
         dash.on_progress(progress(step, 0.1 / step))
         if step % 5 == 0:
+            metrics = {"val_loss": float(f"{1.0 / step:.4g}"), "acc": step / 10}
             detail = f"evaluate after step {step}: val_loss {1.0 / step:.4g}, acc {step / 10:.4g}"
-            dash.on_event(Event(step * 0.1, EventKind.EVAL, detail, step))
+            dash.on_event(Event(step * 0.1, EventKind.EVAL, detail, step, metrics))
     dash.flush()
     curves = dash.curves
     assert curves is not None
@@ -77,7 +82,8 @@ def test_the_end_replaces_samples_with_the_reports_exact_series() -> None:
     dash = make()
     dash.on_start(info())
     dash.on_progress(progress(3, 0.1))
-    dash.on_event(Event(0.1, EventKind.EVAL, "evaluate after step 3: val_loss 0.1235", 3))
+    detail = "evaluate after step 3: val_loss 0.1235"
+    dash.on_event(Event(0.1, EventKind.EVAL, detail, 3, {"val_loss": 0.1235}))
 
     report = RunReport(
         info=info(),
@@ -113,7 +119,8 @@ def test_curves_keep_the_update_rate_at_most_4_per_second() -> None:
         clock.now += 0.01
         dash.on_progress(progress(step, 0.1))
         if step % 10 == 0:
-            dash.on_event(Event(clock.now, EventKind.EVAL, f"e after step {step}: m {step}", step))
+            detail = f"e after step {step}: m {step}"
+            dash.on_event(Event(clock.now, EventKind.EVAL, detail, step, {"m": step}))
     assert dash.flushes - start <= 2 * 4 + 1
 
 

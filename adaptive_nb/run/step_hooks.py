@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..events import EventKind
+from ..events import Event, EventKind
 
 if TYPE_CHECKING:
     from .loop import Run
@@ -57,7 +57,9 @@ def evaluate(run: Run) -> None:
     training.history.eval_s = run._eval_s
     training.history.record_eval(run.step, run.epoch, metrics)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    run._event(EventKind.EVAL, f"{training.evaluator.name} after step {run.step}: {shown}")
+    detail = f"{training.evaluator.name} after step {run.step}: {shown}"
+    numbers = {str(k): float(v) for k, v in metrics.items()}
+    run._events([Event(round(run._now(), 3), EventKind.EVAL, detail, run.step, numbers)])
     training.schedule.after_eval(metrics, training.evaluator.name)
     training.callbacks.eval(metrics)
 

@@ -11,7 +11,6 @@ per step, not per second.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,26 +21,10 @@ import numpy as np
 from .buffers import MultiSeries, Series
 from .figures import PALETTE, TraitSync, _figure, _finite_range, _panel, legend_html, nice_ticks
 
-__all__ = ["TrainingCurves", "parse_eval_detail"]
+__all__ = ["TrainingCurves"]
 
 LR_COLOUR = PALETTE[4]
 EVAL_COLOURS = (PALETTE[5], PALETTE[2], PALETTE[6], PALETTE[7], PALETTE[1])
-_METRIC = re.compile(r"^(?P<name>.+) (?P<value>[-+]?(?:\d[\d.]*(?:e[-+]?\d+)?|inf|nan))$", re.I)
-
-
-def parse_eval_detail(detail: str) -> dict[str, float]:
-    """``"evaluate after step 6: val_loss 0.9821, acc 0.5"`` → ``{"val_loss": 0.9821,
-    "acc": 0.5}`` (the format of :func:`adaptive_nb.run.step_hooks.evaluate`); pieces that
-    do not parse are left out."""
-    _, sep, shown = detail.partition(": ")
-    out: dict[str, float] = {}
-    if not sep:
-        return out
-    for piece in shown.split(", "):
-        match = _METRIC.match(piece.strip())
-        if match:
-            out[match.group("name")] = float(match.group("value"))
-    return out
 
 
 class TrainingCurves:
@@ -62,10 +45,9 @@ class TrainingCurves:
             self._last_lr_step = step
             self.lr.append(float(step), lr)
 
-    def record_eval(self, step: int, detail: str) -> None:
-        metrics = parse_eval_detail(detail)
+    def record_eval(self, step: int, metrics: Mapping[str, float] | None) -> None:
         if metrics:
-            self.evals.append(float(step), metrics)
+            self.evals.append(float(step), {str(k): float(v) for k, v in metrics.items()})
 
     def record_report(self, lr: Sequence[float], evaluations: Sequence[Mapping[str, Any]]) -> None:
         """Replace the live samples by the report's exact per-step series."""

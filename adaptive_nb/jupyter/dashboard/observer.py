@@ -221,7 +221,7 @@ class Dashboard(ThrottledFlush, DashboardText, BaseObserver):
             elif event.kind == EventKind.NONFINITE:
                 self._skipped += 1
             elif event.kind == EventKind.EVAL and self.curves is not None:
-                self.curves.record_eval(event.step, event.detail)
+                self.curves.record_eval(event.step, event.metrics)
             elif event.kind == EventKind.POLICY:
                 words = _POLICY_WORD.findall(event.detail)
                 if words:
