@@ -11,59 +11,17 @@ from typing import Any
 import pytest
 import torch
 from conftest import ce_step, make_data, make_model
+from run_support import OomEngine, Planner
 from torch import nn
 
 import adaptive_nb
 from adaptive_nb.engine.cpu import CpuEngine
 from adaptive_nb.errors import OutOfMemory, UsageError
 from adaptive_nb.events import Event, EventKind
-from adaptive_nb.monitor.snapshot import Snapshot
 from adaptive_nb.plan.base import Controller
 from adaptive_nb.run import api, loop
 from adaptive_nb.run.observers import BaseObserver
 from adaptive_nb.run.report import RunReport
-from adaptive_nb.step import StepFn, StepOutcome
-
-
-class OomEngine(CpuEngine):
-    """Raises out-of-memory on the first ``fail`` attempts of every step."""
-
-    def __init__(self, fail: int) -> None:
-        super().__init__()
-        self.fail = fail
-        self._left = fail
-        self.attempts = 0
-
-    def forward_backward(self, step: StepFn, batch: Any) -> StepOutcome:
-        self.attempts += 1
-        if self._left > 0:
-            self._left -= 1
-            raise OutOfMemory("simulated out of memory", device=0)
-        self._left = self.fail
-        return super().forward_backward(step, batch)
-
-
-class Planner(Controller):
-    """Emits the given events at the first tick; recovers every OOM with one event."""
-
-    def __init__(self, first_tick: list[str] | None = None) -> None:
-        self._first = first_tick or []
-
-    def observe(self, outcome: StepOutcome) -> None:
-        pass
-
-    def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
-        out = [Event(now, kind, f"{kind} decision", step) for kind in self._first]
-        self._first = []
-        return out
-
-    def on_oom(self, error: OutOfMemory, now: float, step: int) -> list[Event]:
-        return [Event(now, EventKind.OOM, "one more micro-batch", step)]
-
-    def set_device_enabled(
-        self, position: int, enabled: bool, now: float, step: int
-    ) -> list[Event]:
-        return [Event(now, EventKind.REALLOCATE, "shares moved off the excluded device", step)]
 
 
 def _run(engine: Any, controller: Controller, steps: int | None = 3, **kw: Any) -> loop.Run:

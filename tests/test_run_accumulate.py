@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import ce_step, make_data, make_model, params_of, same_params
-from test_loop_accounting import OomEngine, Planner
+from run_support import OomEngine, static_run
 from torch import nn
 
 import adaptive_nb
-from adaptive_nb.run import loop
-from adaptive_nb.run.training import Training, check_training_options
+from adaptive_nb.run.training import check_training_options
 
 N = 3
 
@@ -79,20 +78,7 @@ def test_a_retry_inside_a_group_loses_no_batch_and_doubles_none() -> None:
         optimizer=opt, device_kind="cpu", accumulate=N, scheduler=sched
     )
     engine = OomEngine(fail=1)  # every batch of every group fails once first
-    run = loop.Run(
-        ce_step,
-        model=model,
-        optimizer=opt,
-        data=_data(),
-        epochs=1,
-        steps=None,
-        engine=engine,
-        controller=Planner(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu"),
-    )
+    run = static_run(ce_step, model, opt, _data(), engine, options)
     report = run.execute()
     assert report.summary["oom_recovered"] == 7 and engine.attempts == 14
     assert report.summary["steps"] == 3 and sched.last_epoch == 3

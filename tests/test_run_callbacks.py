@@ -8,14 +8,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import ce_step, make_data, make_model
-from test_loop_accounting import OomEngine, Planner
+from run_support import OomEngine, static_run
 from torch import nn
 
 import adaptive_nb
 from adaptive_nb.errors import OutOfMemory
-from adaptive_nb.run import loop
 from adaptive_nb.run.history import TrainingHistory
-from adaptive_nb.run.training import Training, check_training_options
+from adaptive_nb.run.training import check_training_options
 
 
 class Recorder:
@@ -63,20 +62,7 @@ def test_callbacks_run_once_per_committed_step_even_with_out_of_memory_retries()
         eval_every=3,
     )
     engine = OomEngine(fail=1)
-    run = loop.Run(
-        step,
-        model=model,
-        optimizer=opt,
-        data=data,
-        epochs=2,
-        steps=None,
-        engine=engine,
-        controller=Planner(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu"),
-    )
+    run = static_run(step, model, opt, data, engine, options, epochs=2)
     report = run.execute()
     n = 2 * len(data)
     assert engine.attempts == 2 * n  # every step was attempted twice (one OOM each)
@@ -102,20 +88,7 @@ def test_a_body_run_twice_per_step_still_gets_one_callback() -> None:
 
     rec = Recorder()
     options = check_training_options(optimizer=opt, device_kind="cpu", callbacks=rec)
-    run = loop.Run(
-        step,
-        model=model,
-        optimizer=opt,
-        data=data,
-        epochs=1,
-        steps=None,
-        engine=OomEngine(fail=0),
-        controller=Planner(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu"),
-    )
+    run = static_run(step, model, opt, data, OomEngine(fail=0), options)
     report = run.execute()
     assert report.summary["oom_recovered"] == 1
     assert body_calls[0] == len(data) + 1

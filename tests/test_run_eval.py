@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_data, params_of, same_params
+from run_support import static_run
 from torch import nn
 
 import adaptive_nb
 from adaptive_nb.engine.cpu import CpuEngine
 from adaptive_nb.events import EventKind
 from adaptive_nb.plan.base import NullController
-from adaptive_nb.run import loop
 from adaptive_nb.run.report import RunReport
-from adaptive_nb.run.training import Training, check_training_options
+from adaptive_nb.run.training import check_training_options
 
 
 def _bn_model() -> nn.Module:
@@ -158,19 +158,8 @@ def test_evaluation_time_is_kept_out_of_the_throughput() -> None:
     model = _bn_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     options = check_training_options(optimizer=opt, device_kind="cpu", evaluate=slow_evaluate)
-    run = loop.Run(
-        _step,
-        model=model,
-        optimizer=opt,
-        data=make_data(),
-        epochs=2,
-        steps=None,
-        engine=engine,
-        controller=NullController(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu"),
+    run = static_run(
+        _step, model, opt, make_data(), engine, options, epochs=2, controller=NullController()
     )
     s = run.execute().summary
     assert s["eval_s"] == 200.0 and s["wall_s"] == 212.0

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import ce_step, make_data, make_model, params_of, same_params
-from test_loop_accounting import OomEngine, Planner
+from run_support import OomEngine, static_run
 from torch import nn
 
 import adaptive_nb
 from adaptive_nb.engine.cpu import CpuEngine
 from adaptive_nb.events import EventKind
 from adaptive_nb.run import loop
-from adaptive_nb.run.training import Training, check_training_options
+from adaptive_nb.run.training import check_training_options
 
 
 def _setup() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -107,20 +107,7 @@ def _scaled_run(engine: Any, step: Any, scaler: CountingScaler) -> tuple[loop.Ru
     options = check_training_options(
         optimizer=opt, device_kind="cpu", scheduler=sched, clip_grad_norm=1.0
     )
-    run = loop.Run(
-        step,
-        model=model,
-        optimizer=opt,
-        data=make_data(),
-        epochs=1,
-        steps=None,
-        engine=engine,
-        controller=Planner(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu", scaler=scaler),
-    )
+    run = static_run(step, model, opt, make_data(), engine, options, scaler=scaler)
     return run, sched
 
 
@@ -236,20 +223,7 @@ def test_reported_loss_is_unscaled_by_the_scale_the_step_used_when_the_scale_gro
 
     model, opt = _setup()
     options = check_training_options(optimizer=opt, device_kind="cpu", callbacks=[Record()])
-    run = loop.Run(
-        ce_step,
-        model=model,
-        optimizer=opt,
-        data=make_data(),
-        epochs=1,
-        steps=None,
-        engine=CpuEngine(),
-        controller=Planner(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu", scaler=scaler),
-    )
+    run = static_run(ce_step, model, opt, make_data(), CpuEngine(), options, scaler=scaler)
     run.execute()
 
     ref, ref_opt = _setup()

@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 from conftest import ce_step, make_data, make_model, params_of, same_params
-from test_loop_accounting import OomEngine, Planner
+from run_support import OomEngine, static_run
 from torch import nn
 
 import adaptive_nb
-from adaptive_nb.run import loop
 from adaptive_nb.run.report import RunReport
-from adaptive_nb.run.training import Training, check_training_options
+from adaptive_nb.run.training import check_training_options
 
 
 def _setup(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -127,20 +126,7 @@ def test_scheduler_is_not_stepped_on_an_out_of_memory_retry() -> None:
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
     options = check_training_options(optimizer=opt, device_kind="cpu", scheduler=sched)
     engine = OomEngine(fail=1)  # every step fails once, then goes through
-    run = loop.Run(
-        ce_step,
-        model=model,
-        optimizer=opt,
-        data=data,
-        epochs=1,
-        steps=None,
-        engine=engine,
-        controller=Planner(),
-        snapshots=None,
-        policy="static",
-        headroom=0.1,
-        training=Training(options, opt, device_type="cpu"),
-    )
+    run = static_run(ce_step, model, opt, data, engine, options)
     report = run.execute()
     assert engine.attempts == 2 * len(data) and report.summary["oom_recovered"] == len(data)
     assert sched.last_epoch == len(data)
