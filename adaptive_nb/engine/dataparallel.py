@@ -7,6 +7,13 @@ and the backward of its replica, from events on that device; the primary is also
 with the loss (gather end → its backward start) and with ``optimizer.step()`` when the
 loop runs it through :meth:`DataParallelEngine.timed_update`. Nothing is estimated from
 the forward time.
+
+The primary is the plan's (``Plan.primary``, a device position; positions never change in
+the plan's arrays). When a plan names another primary, :meth:`DataParallelEngine.apply_plan`
+moves it between steps: the module (parameters, gradients, buffers, in place) goes to the
+new device, the old one's cache is released, and the move's seconds are measured
+(``last_move_s``) for the controller's cost model; the optimizer state follows in
+:func:`~adaptive_nb.run.attempt.apply_optimizer_step`, outside the timed update.
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ class DataParallelEngine(Engine):
     emulations); ``device_ids`` may repeat one CUDA index (replicas emulated on one GPU).
     """
 
+    movable_primary = True  # apply_plan moves the module when the plan's primary changes
+
     def __init__(
         self,
         device_ids: Sequence[int],
@@ -107,6 +116,9 @@ class DataParallelEngine(Engine):
         self.clock_events: EventClock = clock if clock is not None else CudaEventClock()
         n = len(self.device_ids)
         self.plan = Plan(tuple(range(n)), tuple(1.0 / n for _ in range(n)), 1, 0)
+        self.primary = 0  # position of the device that holds the module
+        self.primary_moves = 0
+        self.last_move_s: float | None = None  # seconds the latest primary move took
         self.wrapper: WeightedDataParallel | None = None
         self._pending: deque[_Pending] = deque()
         self._intervals: list[Interval] = []
@@ -126,7 +138,11 @@ class DataParallelEngine(Engine):
         return list(self.device_ids)
 
     def primary_device(self) -> torch.device:
-        return torch.device("cuda", self.device_ids[0])
+        return self.torch_device(self.primary)
+
+    def torch_device(self, position: int) -> torch.device:
+        """The torch device of a position (CPU stubs of this engine override it)."""
+        return torch.device("cuda", self.device_ids[position])
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.primary_device())
@@ -135,15 +151,69 @@ class DataParallelEngine(Engine):
     def wrap(self, model: nn.Module) -> WeightedDataParallel:
         """Wrap ``model`` (already on the primary) and time it."""
         self.wrapper = WeightedDataParallel(model, self.device_ids, self.min_chunk)
+        if self.primary != 0:  # nn.DataParallel took the first device as the primary
+            self.wrapper.set_primary(self.primary, self.primary_device())
         self.wrapper.on_mark = self._on_mark
         self.effective_min_chunk = self.wrapper.min_chunk  # for planners: 2 with batch norm
         self.apply_plan(self.plan)
         return self.wrapper
 
     def apply_plan(self, plan: Plan) -> None:
+        if plan.primary != self.primary:
+            self._move_primary(plan.primary)
         self.plan = plan
         if self.wrapper is not None:
             self.wrapper.set_plan(plan.shares, plan.caps or None)
+
+    def _move_primary(self, position: int) -> None:
+        """Move the module to ``position``'s device (before :meth:`prepare`: only note it,
+        the model goes straight there). Between steps only: the controller never moves the
+        primary while a step is being retried."""
+        if not 0 <= position < len(self.device_ids):
+            raise ValueError(f"no device at position {position}")
+        old = self.primary
+        if self.wrapper is None:
+            self.primary = position
+            return
+        t0 = time.perf_counter()
+        self.wrapper.set_primary(position, self.torch_device(position))
+        self._synchronize(position)
+        self.last_move_s = time.perf_counter() - t0
+        self.primary = position
+        self.primary_moves += 1
+        self._pending.clear()  # events of steps before the move: not comparable
+        self._current = None
+        if self.device_ids[old] != self.device_ids[position]:
+            self.release_device(old)
+
+    def speed_hints(self) -> list[float | None] | None:
+        """Static speed hints for choosing the primary before anything is measured: the
+        SM counts, when every device has the same compute capability (one generation);
+        None otherwise (SMs of different generations do not compare)."""
+        if not torch.cuda.is_available():
+            return None
+        try:
+            props = [torch.cuda.get_device_properties(d) for d in self.device_ids]
+        except Exception:  # a device that cannot be queried: no hints
+            return None
+        if len({(p.major, p.minor) for p in props}) != 1:
+            return None
+        return [float(p.multi_processor_count) for p in props]
+
+    def move_bytes(self) -> int:
+        """Bytes a primary move copies: parameters, gradients and buffers of the module, and
+        an optimizer state of twice the parameters (Adam's moments; the engine does not see
+        the optimizer, so this errs on the large side for SGD)."""
+        if self.wrapper is None:
+            return 0
+        module = self.wrapper.module
+        params = sum(p.numel() * p.element_size() for p in module.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+        return int(4 * params + buffers)
+
+    def _synchronize(self, position: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(self.device_ids[position])
 
     def position_of(self, cuda_index: int | None) -> int | None:
         if cuda_index is None or cuda_index not in self.device_ids:
@@ -178,10 +248,11 @@ class DataParallelEngine(Engine):
             pending = self._current
             if pending is None:
                 return update()
-            start = self.clock_events.mark(self.device_ids[0])
+            primary = self.primary
+            start = self.clock_events.mark(self.device_ids[primary])
             result = update()
-            end = self.clock_events.mark(self.device_ids[0])
-            pending.intervals.append(Interval(0, "optimizer", start, end))
+            end = self.clock_events.mark(self.device_ids[primary])
+            pending.intervals.append(Interval(primary, "optimizer", start, end))
             self._current = None
             return result
 
@@ -197,7 +268,7 @@ class DataParallelEngine(Engine):
         m = len(layout)
         wrapper.step_chunks = [0] * len(self.device_ids)
         self._intervals, self._open, self._current = [], {}, None
-        primary = self.device_ids[0]
+        primary = self.device_ids[self.primary]
         start = self.clock_events.mark(primary)
         t0 = time.perf_counter()
         for d in set(self.device_ids):

@@ -1,8 +1,10 @@
 """Weighted ``nn.DataParallel``: each batch is scattered with per-device chunk sizes.
 
-The primary device (the first of ``device_ids``) holds the parameters, gathers the output,
-computes the loss and reduces the gradients. Devices with a zero share are left out of the
-scatter (never given an empty chunk). Changing the device set or the shares only changes
+The primary device (position ``primary``: 0 unless moved by
+:meth:`WeightedDataParallel.set_primary`) holds the parameters, gathers the output, computes
+the loss and reduces the gradients; every scatter lists it first (``replicate`` broadcasts
+from the first device). Devices with a zero share are left out of the scatter (never given
+an empty chunk). Changing the device set or the shares only changes
 what the next ``scatter`` does: the wrapped module and the optimizer are untouched.
 With the loss computed on the gathered output the gradient is the full-batch gradient
 whatever the split (``Gather.backward`` scatters gradients back with the same sizes); a
@@ -117,8 +119,9 @@ class _TimedReplica:
 class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
     """``nn.DataParallel`` whose scatter follows per-device shares (see module doc).
 
-    ``shares[i]`` / ``caps[i]`` refer to ``all_device_ids[i]``; position 0 is the primary
-    and always gets samples (at least ``min_chunk`` when the batch has that many). The same
+    ``shares[i]`` / ``caps[i]`` refer to ``all_device_ids[i]``; position ``primary`` (0
+    until :meth:`set_primary` moves it) holds the module and always gets samples (at least
+    ``min_chunk`` when the batch has that many). The same
     CUDA index may appear more than once (replicas emulated on one GPU): those replicas run
     one after another."""
 
@@ -134,6 +137,7 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         self.caps: list[int | None] = [None] * n
         self.step_chunks: list[int] = [0] * n  # samples per position since last reset
         self.min_chunk = default_min_chunk(module) if min_chunk is None else max(1, min_chunk)
+        self.primary = 0  # position of the device holding the module (see set_primary)
         self.positions: list[int] = [0]  # positions of the last scatter, replica order
         self.replica_weights: list[float] = [1.0]  # each replica's fraction of that scatter
         self.on_mark: MarkFn | None = None
@@ -144,10 +148,26 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         self.shares = [float(s) for s in shares]
         self.caps = list(caps) if caps else [None] * len(self.shares)
 
+    def set_primary(self, position: int, device: torch.device) -> None:
+        """Make ``position`` the primary: the module (parameters, gradients and buffers, in
+        place: the optimizer keeps its references) moves to ``device``, later scatters list
+        that position first and outputs are gathered there. Optimizer state is the caller's
+        to move (:func:`~adaptive_nb.run.attempt.align_optimizer_state`)."""
+        if not 0 <= position < len(self.all_device_ids):
+            raise ValueError(f"no device at position {position}")
+        self.module.to(device)
+        self.primary = position
+        self.src_device_obj = device
+        self.output_device = self.all_device_ids[position]
+
     def chunk_plan(self, size: int) -> tuple[list[int], list[int]]:
-        """(positions, chunk sizes) for a batch of ``size``: zero chunks left out."""
-        sizes = chunk_sizes(self.shares, size, self.caps, required=0, min_chunk=self.min_chunk)
-        positions = [p for p, s in enumerate(sizes) if s > 0]
+        """(positions, chunk sizes) for a batch of ``size``: zero chunks left out, the
+        primary first (then by position)."""
+        primary = self.primary
+        sizes = chunk_sizes(
+            self.shares, size, self.caps, required=primary, min_chunk=self.min_chunk
+        )
+        positions = [primary] + [p for p, s in enumerate(sizes) if s > 0 and p != primary]
         return positions, [sizes[p] for p in positions]
 
     def watch_backward_start(self, output: Any, position: int) -> None:
@@ -169,8 +189,8 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
         self._timed_alone = False
         size = first_batch_size((inputs, kwargs or {}), self.dim)
         if size is None:
-            self.device_ids = self.all_device_ids[:1]
-            self.positions, self.replica_weights = [0], [1.0]
+            self.device_ids = [self.all_device_ids[self.primary]]
+            self.positions, self.replica_weights = [self.primary], [1.0]
             return (inputs,), (kwargs or {},)
         positions, sizes = self.chunk_plan(size)
         ids = [self.all_device_ids[p] for p in positions]
@@ -222,7 +242,7 @@ class WeightedDataParallel(nn.DataParallel):  # type: ignore[type-arg]
 
         gathered = gather_weighted(outputs, self.replica_weights[: len(outputs)], gather_tensors)
         if self.on_mark is not None:
-            self.on_mark(0, "gathered")
+            self.on_mark(self.primary, "gathered")
         return gathered
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:

@@ -31,6 +31,7 @@ from .base import Controller
 from .device_state import AllocatableEngine, DeviceState
 from .plan_edits import add_micro_batch, gain_text, same_layout, with_prediction
 from .planner import DeviceModel, Overhead, best_plan, evaluate, static_plan
+from .primary import MoveCost, move_pays, start_primary
 from .probe import Readmission, probe_plan
 from .shapes import ShapeMemory, stable_chunks
 from .static_compare import StaticComparison
@@ -48,6 +49,12 @@ class AllocationController(Controller):
     external load and memory from the snapshot and re-plans; a plan is applied only when
     its predicted gain is at least ``min_gain`` (device-set changes at most every
     ``set_change_interval`` seconds), except after faults, which re-plan at once.
+
+    The primary (``primary``: a position, or None to choose it, see :mod:`.primary`) is
+    the plan's first device. With an engine that can move it (``movable_primary``), the
+    controller chooses it at the start and moves it between steps when a measured gain
+    pays for the copy (:func:`.primary.move_pays`); its loss and optimizer phases are
+    modelled apart from its compute so that they can be charged to another device.
     """
 
     stable_shapes: bool = True  # round chunks to stable sizes (plan/shapes.py); False: exact
@@ -64,7 +71,8 @@ class AllocationController(Controller):
         set_change_interval: float = 30.0,
         volatility_window: float = 30.0,
         forgetting: float = 0.9,
-        primary: int = 0,
+        primary: int | None = None,
+        primary_payback_s: float = 60.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -76,8 +84,14 @@ class AllocationController(Controller):
         self.min_gain = float(min_gain)
         self.set_change_interval = float(set_change_interval)
         self.volatility_window = float(volatility_window)
-        self.primary = primary
         self._forgetting = forgetting
+        self.movable_primary = bool(getattr(engine, "movable_primary", False))
+        self.primary_payback_s = float(primary_payback_s)
+        self.primary_interval = self.set_change_interval  # seconds between primary moves
+        self.move_cost = MoveCost()
+        self.primary_moves = 0
+        self._last_primary_move = -math.inf
+        self._extra_s: float | None = None  # the primary's loss + optimizer s per step
         names = engine.device_names()
         keys = engine.monitor_keys()
         self.devices = [
@@ -104,7 +118,10 @@ class AllocationController(Controller):
         self._unlisted_noted: set[int] = set()  # positions told about a PID namespace
         self.shapes = ShapeMemory()  # chunk sizes each device has run (see plan/shapes.py)
         self._fault = False  # a fault is re-planning: a new chunk size is allowed
-        positions = [d.position for d in self.devices]
+        if primary is None:
+            primary = self._start_primary() if self.movable_primary else 0
+        self.primary = primary
+        positions = [primary] + [d.position for d in self.devices if d.position != primary]
         first = static_plan(positions, len(positions), 0)
         assert first is not None
         self.plan: Plan = first
@@ -130,12 +147,14 @@ class AllocationController(Controller):
             b = outcome.device_batch.get(pos, 0) / m
             if b <= 0 or t <= 0 or not 0 <= pos < len(self.devices):
                 continue
+            slowest = max(slowest, t / m)  # with the primary's extra: the step waits for it
+            if pos == self.primary and outcome.device_phase_s.get(pos):
+                t = self._note_extra(t, outcome.device_phase_s[pos])
             d = self.devices[pos]
             if pos == self.readmission.active and d.best is not None:
                 self.readmission.record(t / m / (d.best[0] + d.best[1] * b))
             else:
                 d.time_model.update(b, t / m)
-            slowest = max(slowest, t / m)
             used += 1
         if used and outcome.wall_s > 0:
             over = max(0.0, outcome.wall_s / m - slowest)
@@ -152,6 +171,16 @@ class AllocationController(Controller):
                 reserved = outcome.reserved_mb.get(pos, outcome.peak_mem_mb.get(pos))
                 if outcome.peak_alloc_mb and reserved is not None:
                     self.slack.update(pos, mb, reserved)
+
+    def _note_extra(self, t: float, phases: dict[str, float]) -> float:
+        """The primary's compute seconds (``t`` less its loss and optimizer phases, which
+        are tracked apart as the extra a primary does, so that the planner can charge them
+        to another device)."""
+        extra = phases.get("loss", 0.0) + phases.get("optimizer", 0.0)
+        if extra <= 0 or extra >= t:
+            return t
+        self._extra_s = extra if self._extra_s is None else 0.8 * self._extra_s + 0.2 * extra
+        return t - extra
 
     # -- ticks ----------------------------------------------------------------------------
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
@@ -173,6 +202,8 @@ class AllocationController(Controller):
         if self.readmission.active is not None:
             return told + (self._end_probe(now, step) if self.readmission.ready(now) else [])
         events = self._replan(now, step, forced=False)
+        if not any(e.kind in (EventKind.DEVICES, EventKind.DEVICE_READMITTED) for e in events):
+            events += self._consider_primary(now, step)
         if not any(e.kind in (EventKind.DEVICES, EventKind.DEVICE_READMITTED) for e in events):
             events += self._start_probe(now, step)
         return told + events
@@ -237,12 +268,15 @@ class AllocationController(Controller):
         allocator figures (the demand then is the reserved peak, slack included)."""
         return self.slack.margin_mb()
 
-    def _cap(self, d: DeviceState) -> int | None:
+    def _cap(self, d: DeviceState, primary: bool | None = None) -> int | None:
+        """Samples per micro-step that fit on ``d`` (as the primary or not; default: as it
+        is now)."""
         cap = d.oom_cap
         avail = self._available_mb(d)
         if avail is not None and self.memory.ready:
             room = avail * (1.0 - self.headroom) - self.reserve_margin_mb()
-            fit = self.memory.max_samples(room, d.position == self.primary)
+            is_primary = d.position == self.primary if primary is None else primary
+            fit = self.memory.max_samples(room, is_primary)
             cap = fit if cap is None else min(cap, fit)
         return cap
 
@@ -270,8 +304,18 @@ class AllocationController(Controller):
             return max(0.0, 1.0 - (d.best[0] + d.best[1] * ref) / d.time_model.predict(ref))
         return d.util.forecast(self.control_interval)
 
-    def _model(self, d: DeviceState, now: float) -> DeviceModel | None:
-        cap = self._cap(d)
+    def _model(self, d: DeviceState, now: float, primary: int | None = None) -> DeviceModel | None:
+        """What the planner knows of ``d`` with ``primary`` (default: the current one) as
+        the primary: its compute model, plus the primary's measured loss and optimizer
+        seconds when it is the primary, and its memory cap as such."""
+        is_primary = d.position == (self.primary if primary is None else primary)
+        m = self._compute_model(d, now, self._cap(d, is_primary))
+        if m is None or not is_primary or not self._extra_s:
+            return m
+        extra = self._extra_s / max(1, self.plan.micro_batches)
+        return dataclasses.replace(m, alpha=m.alpha + extra)
+
+    def _compute_model(self, d: DeviceState, now: float, cap: int | None) -> DeviceModel | None:
         tm = d.time_model
         probing = d.position == self.readmission.active
         if (d.position in self.plan.devices and not probing) or d.best is None:
@@ -538,6 +582,111 @@ class AllocationController(Controller):
             return f"measured {1.0 / tm.beta:.0f} samples/s"
         return "re-balanced"
 
+    # -- the primary (policy: plan/primary.py) -------------------------------------------
+    def _start_primary(self) -> int:
+        """The primary to start on, from the first snapshot (free memory, external load)
+        and the engine's optional ``speed_hints()`` (see :func:`.primary.start_primary`)."""
+        n = len(self.devices)
+        avail: list[float | None] = [None] * n
+        util: list[float | None] = [None] * n
+        snap: Snapshot | None = None
+        if self.snapshots is not None:
+            with contextlib.suppress(Exception):  # no reading: start on position 0
+                snap = self.snapshots.latest()
+        if snap is not None:
+            by_key = {g.index: g for g in snap.gpus if g.index is not None}
+            for d in self.devices:
+                g = by_key.get(d.key) if d.key is not None else None
+                if g is not None:
+                    avail[d.position] = g.mem_total_mb - g.external_mem_mb
+                    util[d.position] = g.util_pct / 100.0
+        hints = getattr(self.engine, "speed_hints", None)
+        speed = hints() if callable(hints) else None
+        positions = [d.position for d in self.devices]
+        return start_primary(positions, available_mb=avail, util=util, speed=speed)
+
+    def _move_bytes(self) -> int:
+        size = getattr(self.engine, "move_bytes", None)
+        return int(size()) if callable(size) else 0
+
+    def _consider_primary(self, now: float, step: int) -> list[Event]:
+        """Move the primary to another device when the best plan with it there beats the
+        current plan clearly and pays for the copy (:func:`.primary.move_pays`); at most
+        one move per ``primary_interval`` (default: ``set_change_interval``). Candidates
+        are the devices of the current plan, and each is compared on that device set with
+        the best plan that keeps the primary (not with the current shares: a re-balance
+        alone is the re-plan's to make, not a reason to move)."""
+        if (
+            not self.movable_primary
+            or self.policy == "static"
+            or self._batch <= 0
+            or now - self._last_primary_move < self.primary_interval
+        ):
+            return []
+        cands = self._candidates()
+        if len(cands) < 2 or not any(d.position == self.primary for d in cands):
+            return []
+        n, batch, overhead = len(self.devices), self._batch, self._overhead()
+        current = [self._model(d, now) for d in cands]
+        if any(m is None for m in current):
+            return []
+        in_plan = set(self.plan.devices)
+        keep = sorted(
+            (m for m in current if m is not None and m.position in in_plan),
+            key=lambda m: (m.position != self.primary, m.position),
+        )
+        t_now = evaluate(self.plan, keep, overhead, batch)
+        same = best_plan(keep, n, batch, overhead, primary=self.primary, subsets=[range(len(keep))])
+        if same is not None and same.predicted_step_s is not None:
+            t_now = min(t_now, same.predicted_step_s)
+        if math.isinf(t_now):
+            return []
+        nbytes = self._move_bytes()
+        cost = self.move_cost.seconds(nbytes)
+        best: tuple[float, Plan] | None = None
+        for q in cands:
+            if q.position == self.primary or q.position not in in_plan:
+                continue
+            found = [
+                self._model(d, now, primary=q.position) for d in cands if d.position in in_plan
+            ]
+            models = sorted(
+                (m for m in found if m is not None),
+                key=lambda m: (m.position != q.position, m.position),
+            )
+            if len(models) < len(keep):
+                continue
+            subset = range(len(models))
+            plan = best_plan(models, n, batch, overhead, primary=q.position, subsets=[subset])
+            t = math.inf if plan is None else (plan.predicted_step_s or math.inf)
+            if plan is None or math.isinf(t):
+                continue
+            pays = move_pays(
+                t_now, t, cost, min_gain=self.min_gain, payback_s=self.primary_payback_s
+            )
+            if pays and (best is None or t < best[0]):
+                best = (t, plan)
+        if best is None:
+            return []
+        t_new, plan = best
+        old, new = self.devices[self.primary], self.devices[plan.primary]
+        self.primary = plan.primary
+        self._last_primary_move = now
+        self.primary_moves += 1
+        events = [
+            Event(
+                now,
+                EventKind.DEVICES,
+                f"primary (parameters, loss, optimizer step) moves from {old.name} to "
+                f"{new.name}: predicted step {t_now:.3f} s → {t_new:.3f} s; the move copies "
+                f"~{nbytes / 2**20:.0f} MB (~{cost:.2f} s)",
+                step,
+            )
+        ]
+        events += self._apply(plan, now, step, "primary moved", old_t=t_now)
+        self.move_cost.record(nbytes, getattr(self.engine, "last_move_s", None))
+        return events
+
     # -- readmission probes (policy: plan/probe.py) -------------------------------------
     def _start_probe(self, now: float, step: int) -> list[Event]:
         """Give the first left-out device whose probe is due a few samples of each step."""
@@ -753,6 +902,8 @@ class AllocationController(Controller):
             "prediction_steps": self.mape.count,
             "replans": self.replans,
             "micro_batches": self.plan.micro_batches,
+            "primary": self.devices[self.primary].name,
+            "primary_moves": self.primary_moves,
             "devices_failed": [d.name for d in self.devices if d.failed],
             "devices_left_out": [
                 d.name for d in self.devices if d.position not in self.plan.devices and not d.failed

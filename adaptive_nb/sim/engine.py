@@ -21,6 +21,7 @@ from .scenario import Scenario
 __all__ = ["SimulatedEngine"]
 
 _ZERO = torch.zeros(())
+MOVE_GBPS = 10.0  # simulated device-to-device copy rate of a primary move (PCIe class)
 
 
 class SimulatedEngine(Engine):
@@ -31,9 +32,15 @@ class SimulatedEngine(Engine):
     forward/backward of the micro-batch it hits, leaving partial gradients behind exactly
     as an out-of-memory in a real backward pass would (the loop zeroes them and retries).
     :meth:`simulate_step` is the model-free path used by the benchmark.
+
+    The primary (the plan's first device) does the scenario's ``primary_extra_ms`` and
+    holds ``primary_extra_gb`` wherever it is; a plan naming another primary moves it
+    between steps, which costs :meth:`move_bytes` at :data:`MOVE_GBPS` on the virtual clock
+    (``last_move_s``).
     """
 
     simulated = True
+    movable_primary = True
 
     def __init__(
         self, scenario: Scenario, *, compute: bool = True, clock: VirtualClock | None = None
@@ -52,6 +59,8 @@ class SimulatedEngine(Engine):
         self._model: nn.Module | None = None
         self.steps = 0
         self.last_batch = 0
+        self.primary_moves = 0
+        self.last_move_s: float | None = None
 
     # -- Engine ---------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -68,7 +77,25 @@ class SimulatedEngine(Engine):
         return self.fleet.clock.now()
 
     def apply_plan(self, plan: Plan) -> None:
+        if plan.primary != self.plan.primary and self.steps > 0:
+            seconds = self.move_bytes() / (MOVE_GBPS * 1e9)
+            self.fleet.clock.advance(seconds)  # the copy holds up training
+            self.last_move_s = seconds
+            self.primary_moves += 1
         self.plan = plan
+
+    def move_bytes(self) -> int:
+        """Bytes a primary move copies: the job's fixed memory (model, gradients) and the
+        primary's extra (optimizer state)."""
+        sc = self.scenario
+        return int((sc.job.mem_base_gb + sc.primary_extra_gb) * 1e9)
+
+    def speed_hints(self) -> list[float]:
+        """Each device's unloaded samples/s at an equal share of the batch: the spec sheet
+        a real engine would read (no external load in it)."""
+        sc = self.scenario
+        b = max(1.0, sc.global_batch / max(1, len(sc.devices)))
+        return [1000.0 * b / max(d.idle_ms(b), 1e-9) for d in sc.devices]
 
     def layout(self, total: int) -> list[list[int]]:
         return self.plan.layout(total)
