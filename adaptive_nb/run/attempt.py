@@ -5,8 +5,10 @@ gradients cleared."""
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +48,19 @@ def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != param.device:
                 state[key] = value.to(param.device)
+
+
+def _state_follows_params(optimizer: torch.optim.Optimizer) -> None:
+    """Align the optimizer state when the parameters moved (a new primary device): every
+    parameter moves with the module, so the first tensor state tells (O(1) per step)."""
+    for param, state in optimizer.state.items():
+        if not isinstance(param, torch.Tensor):
+            continue
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.device != param.device:
+                    align_optimizer_state(optimizer)
+                return
 
 
 def forward_backward(
@@ -129,6 +144,73 @@ def _drop_traceback(err: BaseException) -> None:
 
 _STEPPED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
+GUARD_BUDGET = 0.01  # a later step is copied when the copy costs ≤ 1 % of the step period
+
+
+@dataclass
+class _Guard:
+    """What decides whether a later optimizer step is copied first (see
+    :func:`apply_optimizer_step`)."""
+
+    last_t: float | None = None  # when the previous step began (perf_counter)
+    copy_s: float | None = None  # measured seconds of one copy
+    reserved: dict[torch.device, int] = field(default_factory=dict)  # after the last step
+    devices: list[torch.device] = field(default_factory=list)  # of the parameters
+    first_device: torch.device | None = None  # the first parameter's, when ``devices`` was read
+
+    def cuda_devices(self, optimizer: torch.optim.Optimizer) -> list[torch.device]:
+        """The CUDA devices of the parameters, re-read only when the first parameter moved
+        (the whole model moves with it: O(1) per step)."""
+        params = optimizer.param_groups[0]["params"] if optimizer.param_groups else []
+        first = params[0].device if params else None
+        if first != self.first_device or not self.devices:
+            self.first_device = first
+            self.devices = [d for d in _devices(optimizer) if d.type == "cuda"]
+        return self.devices
+
+    def cache_released(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the allocator gave memory back since the previous step (``empty_cache``
+        after an out-of-memory, a dropped device, a moved primary): the blocks the step's
+        scratch was cached in may now belong to another process."""
+        if not self.reserved or not torch.cuda.is_available():
+            return False
+        return any(
+            torch.cuda.memory_reserved(d) < self.reserved.get(d, 0)
+            for d in self.cuda_devices(optimizer)
+        )
+
+    def remember(self, optimizer: torch.optim.Optimizer) -> None:
+        """The allocator's reserve after a completed step, per CUDA device."""
+        if torch.cuda.is_available():
+            self.reserved = {d: torch.cuda.memory_reserved(d) for d in self.cuda_devices(optimizer)}
+
+
+_GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Guard] = weakref.WeakKeyDictionary()
+
+
+def _rollback_for(optimizer: torch.optim.Optimizer) -> OptimizerRollback | None:
+    """The host copy that makes this step recoverable, or None (see
+    :func:`apply_optimizer_step`)."""
+    guard = _GUARDS.get(optimizer)
+    if guard is None:
+        guard = _GUARDS[optimizer] = _Guard()
+    now = time.perf_counter()
+    period = None if guard.last_t is None else now - guard.last_t
+    guard.last_t = now
+    first = optimizer not in _STEPPED
+    cheap = guard.copy_s is None or (period is not None and guard.copy_s <= GUARD_BUDGET * period)
+    if not (first or cheap or guard.cache_released(optimizer)):
+        return None
+    rollback = OptimizerRollback(optimizer)
+    if not first:  # the first step has no state yet: its copy says nothing of later ones
+        taken = time.perf_counter() - now
+        guard.copy_s = taken if guard.copy_s is None else 0.8 * guard.copy_s + 0.2 * taken
+    return rollback
+
+
+def _devices(optimizer: torch.optim.Optimizer) -> list[torch.device]:
+    return devices_of(optimizer_params(optimizer))
+
 
 def _free_cache(devices: Sequence[torch.device]) -> None:
     if not torch.cuda.is_available():
@@ -160,19 +242,37 @@ def apply_optimizer_step(
     """``optimizer.step()`` (or ``step()``, e.g. an engine's timed wrapper of it) applied
     exactly once, recovering an out-of-memory where that can be done exactly.
 
-    Where the step can run out of memory is where the optimizer allocates: its *first*
-    step creates its state (Adam: two tensors per parameter). So the first step of an
-    optimizer is guarded by a host-memory copy of its parameters and state
-    (:class:`.rollback.OptimizerRollback`, taken once): after an out-of-memory they are
-    restored exactly, the failed attempt's references dropped and the device caches
-    emptied, and the step retried; then retried once more with per-parameter
-    (``foreach=False``) updates, which need far less scratch memory. Later steps reuse the
-    memory the first one needed and are not copied (that would cost a model's worth of
-    traffic every step): an out-of-memory there stops the run with a message saying so.
-    ``on_oom`` hears of each recovered out-of-memory (the loop lets the controller leave
-    room on the primary). Returns the number recovered."""
+    No half-applied step: torch updates parameters and state in place, group by group
+    and tensor by tensor, so an out-of-memory part-way leaves some updated. A step is
+    therefore guarded by a host-memory copy of the parameters it updates and their
+    optimizer state (:class:`.rollback.OptimizerRollback`) whenever it may run out of
+    memory or the copy is cheap:
+
+    * the *first* step of an optimizer, which allocates its state (Adam: two tensors per
+      parameter);
+    * a later step after the allocator gave memory back (an out-of-memory recovered in
+      forward/backward, a dropped device or a moved primary empty the cache): the blocks
+      the step's scratch used may now be another process's;
+    * any later step while one copy costs at most :data:`GUARD_BUDGET` of the step period
+      (measured: the first later step is copied to measure it).
+
+    After an out-of-memory in a guarded step the parameters and state are restored
+    exactly, the failed attempt's references dropped and the device caches emptied, and
+    the step retried; then retried once more with per-parameter (``foreach=False``)
+    updates, which need far less scratch; if that fails too the run stops with nothing
+    applied. An unguarded step (a large model whose cache was never released: its
+    scratch blocks stay cached from the steps before, so it allocates nothing new) that
+    still runs out of memory stops the run with a message saying that the update may be
+    partly applied. ``on_oom`` hears of each recovered out-of-memory (the loop lets the
+    controller leave room on the primary). Returns the number recovered.
+
+    When the parameters moved to another device since the last step (a new primary), the
+    optimizer state follows them first (outside ``step``, so its copy is not timed as
+    the update)."""
     run = step if step is not None else optimizer.step
-    rollback = OptimizerRollback(optimizer) if optimizer not in _STEPPED else None
+    _state_follows_params(optimizer)
+    rollback = _rollback_for(optimizer)
+    first = optimizer not in _STEPPED
     tried: list[str] = []
     while True:
         try:
@@ -186,9 +286,12 @@ def apply_optimizer_step(
             if rollback is None:
                 raise OutOfMemory(
                     f"optimizer.step() ran out of memory ({first_line}) after earlier steps "
-                    "had fitted: the update may be partly applied (torch updates parameters "
-                    "in place), so training stops here. Free GPU memory held elsewhere (other "
-                    "tensors or processes) or use an optimizer with foreach=False."
+                    "had fitted, on a step that was not copied beforehand (a copy of this "
+                    "model and its optimizer state costs more than "
+                    f"{GUARD_BUDGET:.0%} of a step): the update may be partly applied (torch "
+                    "updates parameters in place), so training stops here. Free GPU memory "
+                    "held elsewhere (other tensors or processes) or use an optimizer with "
+                    "foreach=False."
                 ) from None
             rollback.restore()
             _free_cache(devices_of(optimizer_params(optimizer)))
@@ -197,14 +300,24 @@ def apply_optimizer_step(
             elif len(tried) == 1 and _per_parameter_updates(optimizer):
                 tried.append("switched to per-parameter updates (foreach=False)")
             else:
+                which = "on its first step" if first else "again"
+                advice = (
+                    "The optimizer state does not fit next to the model: use a lighter "
+                    "optimizer (e.g. SGD) or a smaller model."
+                    if first
+                    else "Free GPU memory held elsewhere (other tensors or processes), lower "
+                    "the batch size or use a lighter optimizer."
+                )
                 raise OutOfMemory(
-                    f"optimizer.step() ran out of memory on its first step ({first_line}): "
+                    f"optimizer.step() ran out of memory {which} ({first_line}): "
                     f"tried: {'; '.join(tried)}. Nothing was applied: parameters and "
-                    "optimizer state are as before the step. The optimizer state does not fit "
-                    "next to the model: use a lighter optimizer (e.g. SGD) or a smaller model."
+                    f"optimizer state are as before the step. {advice}"
                 ) from None
             if on_oom is not None:
                 on_oom(OutOfMemory(f"optimizer.step() ran out of memory; {tried[-1]}, retrying"))
             continue
         _STEPPED.add(optimizer)
+        guard = _GUARDS.get(optimizer)
+        if guard is not None:
+            guard.remember(optimizer)
         return len(tried)
