@@ -6,6 +6,7 @@ last completed step; the step's errors reach the kernel in the user's terms."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -223,6 +224,105 @@ def test_an_interrupted_wait_still_brings_home_the_last_completed_step(
     assert group.alive() == []
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _ahead_loop(engine: DDPEngine, tokens: list[Any], upto: int) -> None:
+    """What the run loop does with a run-ahead engine: tell the next token, step, send
+    the next one with the update."""
+    for i in range(upto):
+        engine.expect_next(tokens[i + 1] if i + 1 < len(tokens) else None)
+        engine.forward_backward(None, tokens[i])
+        engine.optimizer_step()
+        engine.send_ahead()
+
+
+def test_a_plan_for_a_step_already_sent_ahead_runs_it_again_with_that_plan(
+    group: WorkerGroup,
+) -> None:
+    batches = data(5)
+    ref = net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    reference_steps(regress, ref, ref_opt, batches)
+
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = DDPEngine(
+        regress, model=model, optimizer=optimizer, data=batches, group=group, run_ahead=True
+    )
+    engine.apply_plan(split(6, 2))
+    engine.start()
+    try:
+        tokens = list(engine.iter_batches(batches, 1))
+        _ahead_loop(engine, tokens, 2)  # step 2 is on its way with the (6, 2) plan
+        engine.apply_plan(split(3, 5))  # ... and must run with this one
+        for i in range(2, 5):
+            engine.expect_next(tokens[i + 1] if i + 1 < 5 else None)
+            engine.forward_backward(None, tokens[i])
+            engine.optimizer_step()
+            engine.send_ahead()
+        logs = engine.rank_log()
+    finally:
+        engine.close()
+    assert logs[0] == [(0, 6), (1, 6), (2, 6), (2, 3), (3, 3), (4, 3)]
+    assert logs[1] == [(0, 2), (1, 2), (2, 2), (2, 5), (3, 5), (4, 5)]
+    assert engine.applied == 5
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1))
+
+
+def test_a_step_sent_ahead_is_never_part_of_the_state_that_comes_home(
+    group: WorkerGroup,
+) -> None:
+    """Its buffer updates (BatchNorm statistics) are not in a state read while it is on
+    its way (a checkpoint), nor in what close() brings home when it was never asked for.
+    Reference: equal shares, each rank's BatchNorm normalises its half; DDP broadcasts
+    rank 0's buffers before every forward, so rank 0's statistics are the ones kept."""
+    batches = data(4)
+    model = bn_net()
+    engine = DDPEngine(
+        regress,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data=batches,
+        group=group,
+        run_ahead=True,
+    )
+    engine.start()
+    tokens = list(engine.iter_batches(batches, 1))
+    try:
+        _ahead_loop(engine, tokens, 2)  # step 2 sent ahead
+        engine.fetch_state()  # its replies are read and kept; the state is after step 1
+        after_two = {k: v.clone() for k, v in model.state_dict().items()}
+        engine.expect_next(tokens[3])
+        engine.forward_backward(None, tokens[2])  # the step sent ahead, used as it is
+        engine.optimizer_step()
+        assert engine.send_ahead()  # step 3 sent ahead; then the run stops
+    finally:
+        engine.close()
+
+    ref = bn_net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(batches[:3]):
+        rank0 = copy.deepcopy(ref)
+        rank0(x[:4])  # rank 0's statistics, from its half
+        ref_opt.zero_grad()
+        loss = (F.mse_loss(ref(x[:4]), y[:4]) + F.mse_loss(ref(x[4:]), y[4:])) / 2
+        loss.backward()  # type: ignore[no-untyped-call]
+        ref_opt.step()
+        with torch.no_grad():
+            kept = dict(rank0.named_buffers())
+            for name, buf in ref.named_buffers():
+                buf.copy_(kept[name])
+        if i == 1:
+            for name, value in ref.state_dict().items():
+                torch.testing.assert_close(after_two[name], value, msg=name)
+    for name, value in ref.state_dict().items():  # step 3's state, not the one sent ahead
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)
 
 
 def test_a_step_that_returns_no_tensor_is_a_loss_error(group: WorkerGroup) -> None:

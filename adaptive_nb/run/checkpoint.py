@@ -242,6 +242,15 @@ class Checkpointing:
         self.generators: list[torch.Generator] = []  # the loader's own, if any
         self._saved_at: tuple[int, int, int] | None = None
         self.written: list[Path] = []
+        self.rewound: dict[str, Any] | None = None  # a checkpoint the run went back to
+        self.rewound_path: Path | None = None
+        self.samples_at: dict[int, int] = {}  # the run's samples when each was written
+        self._applied: dict[str, Any] | None = None
+
+    @property
+    def _source(self) -> dict[str, Any] | None:
+        """The checkpoint the run starts from: the one rewound to, else the one resumed."""
+        return self.rewound if self.rewound is not None else self.resume
 
     @property
     def enabled(self) -> bool:
@@ -255,10 +264,12 @@ class Checkpointing:
         return self.enabled and self.options.every is None
 
     def apply(self, run: Run) -> None:
-        """Load the checkpoint being resumed into the run (before its first step)."""
-        state = self.resume
-        if state is None:
+        """Load the checkpoint being resumed (or rewound to) into the run, before its first
+        step (once: a second call for the same checkpoint changes nothing)."""
+        state = self._source
+        if state is None or state is self._applied:
             return
+        self._applied = state
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         sched = run.training.schedule.scheduler
@@ -285,14 +296,32 @@ class Checkpointing:
 
     def skip_to(self) -> tuple[int, int]:
         """(epoch to start at, loader batches of it to skip) for a resumed run."""
-        if self.resume is None:
+        state = self._source
+        if state is None:
             return 0, 0
-        return int(self.resume["epoch"]), int(self.resume["position"])
+        return int(state["epoch"]), int(state["position"])
 
     def skipped(self) -> None:
         """The consumed batches are skipped: from now on the RNG runs as it did."""
-        assert self.resume is not None
-        set_rng_state(self.resume["rng"], self.generators)
+        state = self._source
+        assert state is not None
+        set_rng_state(state["rng"], self.generators)
+
+    def restart_point(self) -> tuple[dict[str, Any], Path | None] | None:
+        """The newest checkpoint of this run to go back to (the one it wrote last, else the
+        one it resumed from) with its path, or None."""
+        if self.written:
+            return _load(self.written[-1]), self.written[-1]
+        if self.resume is not None:
+            return self.resume, self.options.resume_path
+        return None
+
+    def rewind(self, run: Run, state: dict[str, Any], path: Path | None) -> None:
+        """Put the run back to ``state`` (a checkpoint of this training): model, optimizer,
+        scheduler, history, step and position, RNG; the data is then walked again from
+        the start of its epoch, skipping what the checkpoint had consumed."""
+        self.rewound, self.rewound_path = state, path
+        self.apply(run)
 
     def start_epoch(self, epoch: int, data: Any) -> None:
         """A pass over the data begins (the loader iterator is about to be created)."""
@@ -305,15 +334,17 @@ class Checkpointing:
         """Epoch ``epoch`` and its end (evaluation, scheduler, callbacks) are done."""
         self.position = (epoch + 1, 0)
 
-    def save(self, run: Run) -> Path | None:
-        """Write a checkpoint of the run now; None if this one was written already."""
+    def save(self, run: Run, *, initial: bool = False) -> Path | None:
+        """Write a checkpoint of the run now; None if this one was written already (or at
+        step 0, unless ``initial``: the state a restart can go back to before any other)."""
         directory = self.options.directory
-        if directory is None or run.step == 0:
+        if directory is None or (run.step == 0 and not initial):
             return None
         epoch, position = self.position
         key = (run.step, epoch, position)
         if key == self._saved_at:
             return None
+        run.state_home()  # an engine whose ranks hold the state brings it home first
         now = rng_state(self.generators)
         hist = run.training.history
         scaler = run.training.precision.scaler
@@ -352,6 +383,7 @@ class Checkpointing:
             if tmp.exists():
                 tmp.unlink()
         self._saved_at = key
+        self.samples_at[run.step] = run.samples
         self.written.append(final)
         self._prune(directory)
         return final

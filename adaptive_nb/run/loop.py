@@ -22,8 +22,9 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from .attempt import (
     forward_backward,
 )
 from .batching import batch_stream, next_group
+from .callbacks import Callbacks
 from .control import RunControl
 from .observers import Observer, SafeObservers
 from .records import progress_of, record_tick, run_summary
@@ -75,6 +77,17 @@ def _nothing() -> None:
     pass
 
 
+class Restarts(Protocol):
+    """What brings a run back after a lost device its engine cannot drop (a DDP rank):
+    ``begin`` before the first step, ``restart`` after the failure (False: stop)."""
+
+    def begin(self, run: Run) -> None: ...
+
+    def restart(self, run: Run, error: DeviceFailure) -> bool: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
 class Run:
     """One training run: its state, its control mailbox, and (when finished) its report."""
 
@@ -99,6 +112,7 @@ class Run:
         data_name: str = "data",
         handle_interrupt: bool = True,
         training: Training | None = None,
+        restarts: Restarts | None = None,
     ) -> None:
         self.run_id = uuid.uuid4().hex[:12]
         self.training = training or Training(
@@ -121,6 +135,11 @@ class Run:
         self.control_interval = control_interval
         self.data_name = data_name
         self.handle_interrupt = handle_interrupt
+        self.restarts = restarts
+        # after a restart, steps and epoch ends up to these ran before (callbacks done)
+        self.replay_until = 0
+        self.replay_epochs_until = -1
+        self.epochs_ended = -1  # the last epoch whose end (hooks) went through
         self.events: list[Event] = []
         self.timeline: list[TickRecord] = []
         self._observers = SafeObservers(observers, self._observer_failed)
@@ -275,6 +294,13 @@ class Run:
         (:func:`.attempt.apply_optimizer_step` recovers an out-of-memory where exact)."""
         if getattr(self.engine, "owns_optimizer_step", False):
             self.engine.optimizer_step()  # type: ignore[attr-defined]  # the ranks apply it
+            # they may start the next step at once when one follows right away
+            send_ahead = getattr(self.engine, "send_ahead", None)
+            follows = not (self.control.stopped or self.control.paused) and (
+                self.steps is None or self.step + 1 < self.steps
+            )
+            if send_ahead is not None and follows:
+                send_ahead()
             return
         timed = self.engine.timed_update(update)  # the engine charges it to the primary
         self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=timed)
@@ -291,6 +317,26 @@ class Run:
         events = self.controller.on_device_failure(err, self._now(), self.step)
         self._decision(events)
         return events
+
+    def state_home(self) -> None:
+        """Bring the training state into the notebook's model and optimizer where the
+        engine holds it elsewhere (DDP ranks): the state of the last completed step."""
+        fetch = getattr(self.engine, "fetch_state", None)
+        if fetch is not None:
+            fetch()
+
+    @contextmanager
+    def _callbacks_quiet(self, quiet: bool) -> Iterator[None]:
+        """Steps run again after a restart: the user's callbacks already saw them."""
+        if not quiet:
+            yield
+            return
+        training = self.training
+        kept, training.callbacks = training.callbacks, Callbacks(())
+        try:
+            yield
+        finally:
+            training.callbacks = kept
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._interrupts += 1
@@ -332,6 +378,9 @@ class Run:
 
     def _execute(self) -> RunReport:
         self.model.train()  # a model left in eval mode would train with BatchNorm frozen
+        if getattr(self.engine, "owns_optimizer_step", False):
+            # the ranks get the model as it is when they start: the resumed state first
+            self.training.checkpoints.apply(self)
         model = self.engine.prepare(self.model)
         align_optimizer_state(self.optimizer)
         if getattr(self.engine, "owns_optimizer_step", False):
@@ -356,70 +405,20 @@ class Run:
         if isinstance(notice, str) and notice:
             self._event(EventKind.NOTICE, notice)
         resume(self)  # a checkpoint being resumed is loaded here, before the first step
-        primary = self.engine.primary_device()
-        interval = self.control_interval
-        next_tick = 0.0
-        next_progress = 0.0
-        last_t = self._now()
-        clock = time.perf_counter
+        if self.restarts is not None:
+            self.restarts.begin(self)
         batches = batch_stream(self)
         try:
             self._apply_requests()
             while True:
-                own0 = clock()
-                if self.control.paused and not self.control.stopped:
-                    self._observers.call("on_progress", progress_of(self, paused=True))
-                    pause0, pause0_real = self._now(), clock()
-                    while self.control.paused and not self.control.stopped:
-                        self.control.wait_while_paused(0.1)
-                        self._apply_requests()
-                    last_t = self._now()
-                    self._paused_s += last_t - pause0
-                    self._paused_real_s += clock() - pause0_real
-                    own0 = clock()  # waiting while paused is neither training nor overhead
-                if self.control.stopped:
-                    self.ended = "interrupted" if self._interrupts else "stopped"
+                try:
+                    self._train(batches)
+                    save_checkpoint(self)  # completed, stopped or interrupted between steps
                     break
-                if self.steps is not None and self.step >= self.steps:
-                    break
-                self._own_s += clock() - own0  # data loading below is not our overhead
-                group, epoch_end, exhausted = next_group(batches, self.training.accumulate)
-                if group:
-                    outcomes, commit = train_step(self, group, primary)
-                    own0 = clock()
-                    samples = sum(o.samples for o in outcomes)
-                    self._last_loss = self.training.report_loss([o.loss for o in outcomes])
-                    for outcome in outcomes:
-                        self.controller.observe(outcome)
-                    if not commit.applied:
-                        self._event(commit.event_kind, commit.detail)
-                    now = self._now()
-                    dt = max(now - last_t, 1e-9)
-                    last_t = now
-                    a = 0.2 if self.step > 3 else 1.0
-                    self._step_s = (1 - a) * self._step_s + a * dt
-                    self._rate = (1 - a) * self._rate + a * (samples / dt)
-                    if now >= next_tick:
-                        next_tick = now + interval
-                        record_tick(self)
-                    if self._observers:
-                        real = time.monotonic()
-                        if real >= next_progress:
-                            next_progress = real + 1.0 / PROGRESS_HZ
-                            self._observers.call("on_progress", progress_of(self))
-                    self._own_s += clock() - own0
-                hooks0 = self._now()  # callbacks, evaluation, checkpoints: not step time
-                if group:
-                    after_step(self)
-                if epoch_end is not None:
-                    after_epoch(self, epoch_end.epoch)
-                last_t += self._now() - hooks0
-                own0 = clock()
-                self._apply_requests()  # also those made by the callbacks just now
-                self._own_s += clock() - own0
-                if exhausted:
-                    break
-            save_checkpoint(self)  # completed, stopped or interrupted between steps
+                except DeviceFailure as exc:
+                    if self.restarts is None or not self.restarts.restart(self, exc):
+                        raise
+                    batches = batch_stream(self)  # from the checkpoint gone back to
             if self.ended == "running":
                 self.ended = "completed"
         except DeviceFailure as exc:
@@ -445,6 +444,72 @@ class Run:
             raise KeyboardInterrupt(f"adaptive_nb run stopped after step {self.step}")
         return self._finish()
 
+    def _train(self, batches: Iterator[Any]) -> None:
+        """Steps until the data, the step count or a stop request ends the run."""
+        interval = self.control_interval
+        next_tick = 0.0
+        next_progress = 0.0
+        last_t = self._now()
+        clock = time.perf_counter
+        primary = self.engine.primary_device()
+        while True:
+            own0 = clock()
+            if self.control.paused and not self.control.stopped:
+                self._observers.call("on_progress", progress_of(self, paused=True))
+                pause0, pause0_real = self._now(), clock()
+                while self.control.paused and not self.control.stopped:
+                    self.control.wait_while_paused(0.1)
+                    self._apply_requests()
+                last_t = self._now()
+                self._paused_s += last_t - pause0
+                self._paused_real_s += clock() - pause0_real
+                own0 = clock()  # waiting while paused is neither training nor overhead
+            if self.control.stopped:
+                self.ended = "interrupted" if self._interrupts else "stopped"
+                break
+            if self.steps is not None and self.step >= self.steps:
+                break
+            self._own_s += clock() - own0  # data loading below is not our overhead
+            group, epoch_end, exhausted = next_group(batches, self.training.accumulate)
+            if group:
+                outcomes, commit = train_step(self, group, primary)
+                own0 = clock()
+                samples = sum(o.samples for o in outcomes)
+                self._last_loss = self.training.report_loss([o.loss for o in outcomes])
+                for outcome in outcomes:
+                    self.controller.observe(outcome)
+                if not commit.applied:
+                    self._event(commit.event_kind, commit.detail)
+                now = self._now()
+                dt = max(now - last_t, 1e-9)
+                last_t = now
+                a = 0.2 if self.step > 3 else 1.0
+                self._step_s = (1 - a) * self._step_s + a * dt
+                self._rate = (1 - a) * self._rate + a * (samples / dt)
+                if now >= next_tick:
+                    next_tick = now + interval
+                    record_tick(self)
+                if self._observers:
+                    real = time.monotonic()
+                    if real >= next_progress:
+                        next_progress = real + 1.0 / PROGRESS_HZ
+                        self._observers.call("on_progress", progress_of(self))
+                self._own_s += clock() - own0
+            hooks0 = self._now()  # callbacks, evaluation, checkpoints: not step time
+            if group:
+                with self._callbacks_quiet(self.step <= self.replay_until):
+                    after_step(self)
+            if epoch_end is not None:
+                with self._callbacks_quiet(epoch_end.epoch <= self.replay_epochs_until):
+                    after_epoch(self, epoch_end.epoch)
+                self.epochs_ended = epoch_end.epoch
+            last_t += self._now() - hooks0
+            own0 = clock()
+            self._apply_requests()  # also those made by the callbacks just now
+            self._own_s += clock() - own0
+            if exhausted:
+                break
+
     def _finish(self, error: BaseException | None = None) -> RunReport:
         self._finishing = True
         if error is not None and not isinstance(error, UsageError):
@@ -463,6 +528,8 @@ class Run:
         )
         summary.update(self.controller.summary())
         summary.update(self.training.summary())
+        if self.restarts is not None:
+            summary.update(self.restarts.summary())
         summary["events"] = [e.to_dict() for e in self.events]
         history = self.training.history
         self.report = RunReport(

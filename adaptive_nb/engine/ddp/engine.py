@@ -14,18 +14,38 @@ Loop integration (what ``run/loop.py`` must do differently when
    optimizer's hyper-parameters, e.g. a scheduler's learning rate, travel with it);
    ``zero_grad`` on the kernel model is harmless; gradient clipping is the engine's
    ``clip_grad_norm`` option (the kernel holds no gradients);
-4. on :class:`~.errors.WorkerLost` stop cleanly (no re-plan: a rank cannot be dropped
-   without restarting the group); ``close()`` then loads the last completed step into
-   the notebook's model and optimizer;
+4. on :class:`~.errors.WorkerLost` the group is gone (a rank cannot be dropped from a
+   running process group): stop cleanly — ``close()`` then loads the last completed step
+   into the notebook's model and optimizer — or :meth:`DDPEngine.restart` the group on
+   the remaining positions and resume from a checkpoint (``run/ddp_backend.py``);
 5. pause/stop need nothing: the ranks run only the commands the loop sends, so the loop's
-   step boundary is every rank's. Not covered yet (refuse with this engine):
-   ``accumulate`` > 1 and ``precision`` (they act on gradients the kernel does not hold).
+   step boundary is every rank's; :meth:`DDPEngine.fetch_state` brings the ranks' state of
+   the last completed step into the kernel's model and optimizer (for a checkpoint).
+
+**Positions and ranks.** The engine shows the controller ``positions`` devices (one per
+rank it started with, named ``rank i``); after a restart on fewer ranks, ``slots[r]`` is
+the position rank ``r`` of the new group serves, and plans, measurements and errors stay
+in positions (a lost position gets share 0), so the controller, the dashboard and the
+report keep one device list for the whole run.
+
+**Running ahead.** Plain DDP loops never wait between steps; a kernel that drives the ranks
+in lockstep costs a round trip per step. So when the loop says right after
+:meth:`optimizer_step` that another step follows (:meth:`send_ahead`) and the token stream
+has told the engine the next token (:meth:`expect_next`), the next step's command leaves
+at once, with the update: the ranks
+apply it and start the next forward/backward while the kernel does its bookkeeping, and
+the following :meth:`forward_backward` only reads the replies. Anything that would make
+that step differ — a new plan for it, another token, a command in between — first reads
+its replies and has every rank drop its work (gradients and buffer updates) and run it
+again; a step sent ahead is never applied unless the loop asks for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +65,16 @@ from .validate import check_job
 __all__ = ["DDPEngine"]
 
 
+@dataclass
+class _Ahead:
+    """A step command sent before the loop asked for it (see the module doc)."""
+
+    token: BatchToken
+    sent: float  # perf_counter when it left
+    stale: bool = False  # a plan for its step arrived after it: it must run again
+    replies: dict[int, tuple[Any, ...]] | None = None  # read early (see fetch_state)
+
+
 class DDPEngine(Engine):
     """Weighted DistributedDataParallel over ``world_size`` rank processes.
 
@@ -54,7 +84,9 @@ class DDPEngine(Engine):
     (it is left running at close); otherwise the engine starts and stops its own. A
     failed step ends the group even when shared (a rank may be stuck in a collective);
     the next engine on it starts fresh processes.
-    ``device_ids``: one CUDA device per rank (nccl); default the CPU (gloo)."""
+    ``device_ids``: one CUDA device per rank (nccl); default the CPU (gloo).
+    ``run_ahead``: send the next step with the update (see the module doc; the run loop
+    turns it on, a subclass that reads replies between steps leaves it off)."""
 
     owns_optimizer_step = True
 
@@ -73,6 +105,7 @@ class DDPEngine(Engine):
         threads: int | None = None,
         master_port: int | None = None,
         data_name: str = "data",
+        run_ahead: bool = False,
     ) -> None:
         if group is not None:
             world_size = group.world_size
@@ -93,8 +126,15 @@ class DDPEngine(Engine):
         self.data_name = data_name
         self.model = model
         self.optimizer = optimizer
-        self.world_size = world_size
+        self.world_size = world_size  # ranks in the group now
+        self.positions = world_size  # devices shown to the controller (the first group's)
+        self.slots = list(range(world_size))  # the position each rank serves
+        self.position_device_ids = list(device_ids) if device_ids else None
         self.device_ids = device_ids
+        self.restarts = 0
+        self.run_ahead = run_ahead
+        self._threads = threads
+        self._master_port = master_port
         self._job = {
             "step": step,
             "model": model,
@@ -105,37 +145,48 @@ class DDPEngine(Engine):
             "device_ids": device_ids,
         }
         self._own_group = group is None
-        self.group = group or WorkerGroup(
-            world_size,
-            backend="nccl" if device_ids else "gloo",
-            threads=threads,
-            master_port=master_port,
-            device_ids=device_ids,
-        )
+        self.group = group or self._new_group()
         self.plan = Plan(
             tuple(range(world_size)), tuple(1.0 / world_size for _ in range(world_size)), 1, 0
         )
+        self._reset_counters()
+        self.last_replies: dict[int, dict[str, Any]] = {}
+        self.recovered_from: int | None = None  # the rank whose state came home after a failure
+
+    def _new_group(self) -> WorkerGroup:
+        """The process group for the ranks of ``self.slots`` (a subclass may start its
+        ranks elsewhere: the engine uses only ``WorkerGroup``'s public methods)."""
+        return WorkerGroup(
+            self.world_size,
+            backend="nccl" if self.device_ids else "gloo",
+            threads=self._threads,
+            master_port=self._master_port,
+            device_ids=self.device_ids,
+        )
+
+    def _reset_counters(self) -> None:
         self.last_batch = 0
         self.applied = 0  # optimizer steps the ranks have been told to apply
         self._next_step = 0  # the step index of the next forward_backward
         self._pending: BatchToken | None = None  # forward/backward done, not yet applied
         self._apply_hyper: list[dict[str, Any]] | None = None  # an update not yet sent
+        self._ahead: _Ahead | None = None  # a step sent before the loop asked for it
+        self._next_token: BatchToken | None = None  # what the loop will most likely ask next
         self._running = False
         self._closed = False
         self._busy = False  # a step command whose replies have not all been read
-        self.last_replies: dict[int, dict[str, Any]] = {}
-        self.recovered_from: int | None = None  # the rank whose state came home after a failure
 
     # -- Engine -----------------------------------------------------------------------------
     def device_names(self) -> list[str]:
-        if self.device_ids:
-            return [f"rank {r} (GPU {d})" for r, d in enumerate(self.device_ids)]
-        return [f"rank {r} (cpu)" for r in range(self.world_size)]
+        ids = self.position_device_ids
+        if ids:
+            return [f"rank {p} (GPU {d})" for p, d in enumerate(ids)]
+        return [f"rank {p} (cpu)" for p in range(self.positions)]
 
     def monitor_keys(self) -> list[int | None]:
-        if self.device_ids:
-            return list(self.device_ids)
-        return [None] * self.world_size
+        if self.position_device_ids:
+            return list(self.position_device_ids)
+        return [None] * self.positions
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Start the ranks (the kernel's model itself is not trained in place)."""
@@ -167,27 +218,67 @@ class DDPEngine(Engine):
             self._shutdown()
             raise
         self._running = True
+        self._closed = False
         return self
 
+    def restart(self, positions: list[int]) -> None:
+        """Make a new group of ``len(positions)`` ranks serving these positions (the old
+        one is ended first); :meth:`start` then ships the job as the kernel's model and
+        optimizer hold it now (load the checkpoint to resume from before)."""
+        if not positions or any(not 0 <= p < self.positions for p in positions):
+            raise ValueError(f"positions must be a non-empty subset of 0..{self.positions - 1}")
+        if not self._closed:
+            self._shutdown()
+        else:
+            self.group.kill()
+        self.slots = sorted(positions)
+        self.world_size = len(self.slots)
+        if self.position_device_ids:
+            self.device_ids = [self.position_device_ids[p] for p in self.slots]
+            self._job["device_ids"] = self.device_ids
+        self._own_group = True
+        self.group = self._new_group()
+        self.restarts += 1
+        self._reset_counters()
+
     def apply_plan(self, plan: Plan, from_step: int | None = None) -> None:
-        """Use ``plan`` (shares per rank) from step ``from_step`` on (default: the next
+        """Use ``plan`` (shares per position) from step ``from_step`` on (default: the next
         forward/backward, a retry included). Every rank switches at that same step."""
         self.plan = plan
-        if self._running:
-            self._send_plan(plan, self._next_step if from_step is None else from_step)
+        if not self._running:
+            return
+        first = self._next_step if from_step is None else from_step
+        if self._ahead is not None and first <= self._ahead.token.step:
+            self._ahead.stale = True  # sent with the old plan: it runs again
+        self._send_plan(plan, first)
 
     def _send_plan(self, plan: Plan, from_step: int) -> None:
-        caps = tuple(plan.caps) if plan.caps else None
         try:
             self._flush_apply()
-            self.group.send_all((ch.PLAN, from_step, tuple(plan.shares), plan.micro_batches, caps))
-        except WorkerLost:
+            self.group.send_all(self._plan_message(plan, from_step))
+        except WorkerLost as exc:
             self._bring_home_after_failure()
-            raise
+            raise self._lost(exc) from None
+
+    def _plan_message(self, plan: Plan, from_step: int) -> tuple[Any, ...]:
+        """The plan in rank terms: the shares (and caps) of the positions the ranks serve."""
+        shares = [plan.shares[p] if p < len(plan.shares) else 0.0 for p in self.slots]
+        if sum(shares) <= 0:
+            shares = [1.0] * len(self.slots)
+        total = sum(shares)
+        caps = None
+        if plan.caps:
+            caps = tuple(plan.caps[p] if p < len(plan.caps) else None for p in self.slots)
+        return (ch.PLAN, from_step, tuple(s / total for s in shares), plan.micro_batches, caps)
 
     def iter_batches(self, data: Any, epochs: int | None = 1) -> Iterator[BatchToken]:
         """Tokens for the loop to hand to :meth:`forward_backward` (no sample is loaded)."""
         return iter_tokens(data, epochs, self.data_name)
+
+    def expect_next(self, token: BatchToken | None) -> None:
+        """The token the loop will most likely hand over after the current one (None: no
+        more, or unknown): what :meth:`send_ahead` may send."""
+        self._next_token = token
 
     def forward_backward(self, step: StepFn | None, batch: Any) -> StepOutcome:
         """One step on every rank. ``step`` is ignored (the ranks run the shipped step);
@@ -199,19 +290,38 @@ class DDPEngine(Engine):
         if not self._running:
             raise RuntimeError("DDPEngine.start() (or prepare()) must be called first")
         token = batch
+        ahead = self._ahead
+        if ahead is not None and ahead.token == token and not ahead.stale:
+            t0 = ahead.sent
+            replies = self._ahead_replies(ahead)
+            self._ahead = None
+        else:
+            self._settle_ahead()
+            self._next_step = token.step
+            t0 = time.perf_counter()
+            self._busy = True
+            replies = self._command(self._step_message(token), f"step {token.step}")
+            self._busy = False
+        return self._outcome(token, replies, time.perf_counter() - t0)
+
+    def _step_message(self, token: BatchToken) -> tuple[Any, ...]:
+        """The step command, with the update the loop asked for (one message, one wake-up)."""
+        hyper, self._apply_hyper = self._apply_hyper, None
+        return (ch.STEP, token) if hyper is None else (ch.STEP, token, hyper)
+
+    def _outcome(
+        self, token: BatchToken, replies: dict[int, tuple[Any, ...]], wall: float
+    ) -> StepOutcome:
         self._next_step = token.step
         self.last_batch = token.batch
-        t0 = time.perf_counter()
-        self._busy = True  # stays set if the wait is interrupted (Ctrl-C): see close()
-        replies = self._command((ch.STEP, token), f"step {token.step}")
-        self._busy = False
-        wall = time.perf_counter() - t0
         ooms = [r for r in replies.values() if r[0] == ch.OOM]
         if ooms:
             self._expect_ok(self._command((ch.DISCARD,), "discarding"), "discarding the step")
             rank, message = ooms[0][1], ooms[0][2]
-            raise OutOfMemory(f"rank {rank}: {message}", device=rank)
-        stats = {int(r[1]["rank"]): r[1] for r in replies.values()}
+            position = self.slots[rank]
+            raise OutOfMemory(f"rank {position}: {message}", device=position)
+        slot = self.slots
+        stats = {slot[int(r[1]["rank"])]: r[1] for r in replies.values()}
         self.last_replies = stats
         self._pending = token
         self._next_step = token.step + 1
@@ -221,20 +331,20 @@ class DDPEngine(Engine):
             loss=torch.tensor(loss),
             samples=total,
             wall_s=wall,
-            device_time_s={r: s["forward_s"] + s["backward_s"] for r, s in stats.items()},
-            device_batch={r: s["batch"] for r, s in stats.items() if s["batch"] > 0},
-            peak_mem_mb={r: s["peak_mb"] for r, s in stats.items()},
+            device_time_s={p: s["forward_s"] + s["backward_s"] for p, s in stats.items()},
+            device_batch={p: s["batch"] for p, s in stats.items() if s["batch"] > 0},
+            peak_mem_mb={p: s["peak_mb"] for p, s in stats.items()},
             micro_batches=max(s["pieces"] for s in stats.values()),
             device_phase_s={
-                r: {"forward": s["forward_s"], "backward": s["backward_s"]}
-                for r, s in stats.items()
+                p: {"forward": s["forward_s"], "backward": s["backward_s"]}
+                for p, s in stats.items()
             },
         )
 
     def optimizer_step(self) -> None:
         """Apply the step on every rank, with the kernel optimizer's hyper-parameters as
-        they are now. Sent with the next command (the next step's, usually) and not waited
-        for: that command's reply tells of any failure."""
+        they are now. Sent with the next command and not waited for: that command's reply
+        tells of any failure."""
         if self._pending is None:
             raise RuntimeError("optimizer_step() without a completed forward_backward()")
         hyper = [
@@ -248,53 +358,118 @@ class DDPEngine(Engine):
         self.applied += 1
         self._pending = None
 
+    def send_ahead(self) -> bool:
+        """The loop will ask for another step right after this update: send the next
+        token (:meth:`expect_next`) now, with the update (``run_ahead`` engines only).
+        Whether it was sent."""
+        nxt, self._next_token = self._next_token, None
+        if not (self.run_ahead and self._running and nxt is not None):
+            return False
+        if self._pending is not None or self._ahead is not None or nxt.step != self._next_step:
+            return False
+        message = self._step_message(nxt)
+        self._ahead = _Ahead(nxt, time.perf_counter())
+        with contextlib.suppress(WorkerLost):  # reading the replies tells who is gone
+            self.group.send_all(message)
+        return True
+
     def _flush_apply(self) -> None:
         """Send the optimizer step the loop asked for, before any other command."""
         hyper, self._apply_hyper = self._apply_hyper, None
         if hyper is not None:
             self.group.send_all((ch.APPLY, hyper))
 
+    def _settle_ahead(self) -> None:
+        """A step sent ahead that will not be used as it is: read its replies and have every
+        rank drop what it computed (gradients, buffer updates)."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        self._ahead_replies(ahead)  # (an out-of-memory there is dropped too)
+        self._ahead = None
+        self._expect_ok(self._command((ch.DISCARD,), "discarding"), "discarding the step")
+
+    def _ahead_replies(self, ahead: _Ahead) -> dict[int, tuple[Any, ...]]:
+        """The replies to the step sent ahead (read once, kept until it is used)."""
+        if ahead.replies is None:
+            self._busy = True  # stays set if the wait is interrupted (Ctrl-C): see close()
+            ahead.replies = self._gather(f"step {ahead.token.step}")
+            self._busy = False
+        return ahead.replies
+
+    def fetch_state(self) -> None:
+        """Load the ranks' state of the last completed step (rank 0's model and optimizer)
+        into the kernel's model and optimizer, e.g. to write a checkpoint; the ranks go on.
+        A step sent ahead is kept (its replies are read first; the rank reports the
+        buffers as they were before it)."""
+        if not self._running:
+            return
+        if self._ahead is not None:
+            self._ahead_replies(self._ahead)
+        self._load(self._ask_rank0((ch.STATE,), "reading the state")[2])
+
     def rank_log(self) -> dict[int, list[tuple[int, int]]]:
         """Per rank, the ``(step, samples)`` of every forward/backward it ran."""
+        self._settle_ahead()
         return {r: list(m[2]) for r, m in self._command((ch.LOG,), "reading the logs").items()}
 
     def gradients(self) -> dict[int, dict[str, torch.Tensor | None]]:
         """Per rank, the gradients of the last forward/backward (by parameter name)."""
+        self._settle_ahead()
         return {r: m[2] for r, m in self._command((ch.GRADS,), "reading gradients").items()}
 
     # -- replies and failures -----------------------------------------------------------------
+    def _lost(self, exc: WorkerLost) -> WorkerLost:
+        """``exc`` (which names a rank) with the position that rank served."""
+        rank = exc.device
+        position = self.slots[rank] if 0 <= rank < len(self.slots) else rank
+        if position == rank:
+            return exc
+        return WorkerLost(f"{exc} (rank {rank} served position {position})", device=position)
+
     def _command(self, message: tuple[Any, ...], what: str) -> dict[int, tuple[Any, ...]]:
         """Send ``message`` to every rank and gather their replies (failures handled)."""
         try:
-            if message[0] == ch.STEP and self._apply_hyper is not None:
-                hyper, self._apply_hyper = self._apply_hyper, None
-                message = (ch.STEP, message[1], hyper)
             self._flush_apply()
             self.group.send_all(message)
-        except WorkerLost:
+        except WorkerLost as exc:
             self._bring_home_after_failure()
-            raise
+            raise self._lost(exc) from None
         return self._gather(what)
 
-    def _gather(self, what: str) -> dict[int, tuple[Any, ...]]:
+    def _ask_rank0(self, message: tuple[Any, ...], what: str) -> tuple[Any, ...]:
+        """Send ``message`` to rank 0 alone and read its reply (failures handled)."""
         try:
-            replies = self.group.gather(what=what)
-        except WorkerLost:
+            self._flush_apply()
+            self.group.send(0, message)
+        except WorkerLost as exc:
             self._bring_home_after_failure()
-            raise
+            raise self._lost(exc) from None
+        return self._gather(what, [0])[0]
+
+    def _gather(self, what: str, ranks: list[int] | None = None) -> dict[int, tuple[Any, ...]]:
+        try:
+            replies = self.group.gather(ranks, what=what)
+        except WorkerLost as exc:
+            self._bring_home_after_failure()
+            raise self._lost(exc) from None
         for reply in replies.values():
             if reply[0] == ch.LOST:
                 self._bring_home_after_failure(prefer=int(reply[1]))
-                raise WorkerLost(reply[2], device=int(reply[1]))
+                raise self._lost(WorkerLost(reply[2], device=int(reply[1])))
             if reply[0] == ch.FAILED:
                 rank = int(reply[1])
                 dead = self.group.dead_rank(reply[3])
                 self._bring_home_after_failure(prefer=rank)
                 if dead is not None:  # the rank only saw its peer go
-                    raise WorkerLost(
-                        f"rank {dead} died (exit code {self.group.procs[dead].poll()}) during "
-                        f"{what}; rank {rank} saw: {reply[3].splitlines()[0][:200]}",
-                        device=dead,
+                    code = self.group.procs[dead].poll()
+                    exit_code = f" (exit code {code})" if code is not None else ""
+                    raise self._lost(
+                        WorkerLost(
+                            f"rank {dead} died{exit_code} during {what}; rank {rank} saw: "
+                            f"{reply[3].splitlines()[0][:200]}",
+                            device=dead,
+                        )
                     )
                 raise remote_error(reply)
         return replies
@@ -308,10 +483,14 @@ class DDPEngine(Engine):
 
     def _bring_home_after_failure(self, prefer: int | None = None) -> None:
         """After a failed step: load the last completed step from a rank that still answers
-        (``prefer`` first: it replied, so it is listening), then end the group."""
+        (``prefer`` first: it replied, so it is listening), then end the group. A step it
+        computed but was not told to apply is dropped first (its buffer updates)."""
+        self._ahead = None
+        self._busy = False
         order = ([prefer] if prefer is not None else []) + self.group.alive()
         for rank in dict.fromkeys(order):
             try:
+                self.group.send(rank, (ch.DISCARD,))
                 self.group.send(rank, (ch.STATE,))
                 reply = self.group.receive_until(rank, ch.STATE, timeout=10.0)
             except WorkerLost:
@@ -346,6 +525,7 @@ class DDPEngine(Engine):
         if self._busy:  # a step's replies were never read: skip them, then end the group
             try:
                 self._flush_apply()
+                self.group.send(0, (ch.DISCARD,))
                 self.group.send(0, (ch.STATE,))
                 self._load(self.group.receive_until(0, ch.STATE, timeout=600.0)[2])
             finally:
@@ -353,22 +533,22 @@ class DDPEngine(Engine):
                 self.group.kill()
             return
         try:
-            self._flush_apply()
-            self.group.send(0, (ch.STATE,))
-            reply = self._gather_one(0, "reading the state")
-            self._load(reply[2])
+            self._settle_ahead()
+            if self._pending is not None:  # computed, never applied: drop its buffer updates
+                self._pending = None
+                self._ask_rank0((ch.DISCARD,), "discarding")
+            self._load(self._ask_rank0((ch.STATE,), "reading the state")[2])
+        except Exception:
+            # the failure brought the last completed step home already (a step sent ahead
+            # and never asked for may fail here: it was not to be applied)
+            return
         finally:
             self._shutdown()
-
-    def _gather_one(self, rank: int, what: str) -> tuple[Any, ...]:
-        reply = self.group.gather([rank], what=what)[rank]
-        if reply[0] == ch.FAILED:
-            raise remote_error(reply)
-        return reply
 
     def _shutdown(self) -> None:
         self._running = False
         self._closed = True
+        self._ahead = None
         if self._own_group:
             self.group.stop()
             return

@@ -96,6 +96,7 @@ class RankJob:
         self.applied = 0
         self._buffers: list[torch.Tensor] = []  # copies of the buffers, saved each step
         self._buffer_sources: list[torch.Tensor] = []  # the buffers they were copied from
+        self._unapplied = False  # a forward/backward ran that no apply or discard followed
         self._process = psutil.Process()
 
     def _returned(self) -> None:
@@ -129,6 +130,7 @@ class RankJob:
         lay = self.layout(token)
         self.optimizer.zero_grad(set_to_none=True)
         self._save_buffers()
+        self._unapplied = True
         start, stop = slice_bounds(lay.sizes, self.rank)
         mine = lay.sizes[self.rank]
         self.history.append((token.step, mine))
@@ -233,10 +235,12 @@ class RankJob:
                 buf.copy_(saved)
 
     def discard(self) -> None:
-        """Forget the step's gradients and buffer updates (the step will be retried)."""
+        """Forget the step's gradients and buffer updates (the step will be retried, or
+        was never to be applied); after an applied step only the gradients go."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self._buffers:
+        if self._unapplied and self._buffers:
             self._restore_buffers()
+        self._unapplied = False
 
     def apply(self, hyper: list[dict[str, Any]] | None) -> None:
         """The optimizer step, with the kernel optimizer's hyper-parameters (a scheduler
@@ -248,6 +252,7 @@ class RankJob:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
         self.applied += 1
+        self._unapplied = False
 
     def gradients(self) -> dict[str, torch.Tensor | None]:
         """The gradients the step left, by parameter name, on the CPU."""
@@ -257,7 +262,8 @@ class RankJob:
         }
 
     def state(self) -> dict[str, Any]:
-        """The model's and optimizer's state dicts, on the CPU."""
+        """The model's and optimizer's state dicts of the last applied step, on the CPU (the
+        buffers as they were before a forward/backward not applied yet)."""
 
         def cpu(obj: Any) -> Any:
             if isinstance(obj, torch.Tensor):
@@ -268,8 +274,13 @@ class RankJob:
                 return [cpu(v) for v in obj]
             return obj
 
+        model = self.module.state_dict()
+        if self._unapplied and self._buffers:
+            for (name, _), saved in zip(self.module.named_buffers(), self._buffers, strict=True):
+                if name in model:
+                    model[name] = saved
         return {
-            "model": cpu(self.module.state_dict()),
+            "model": cpu(model),
             "optimizer": cpu(self.optimizer.state_dict()),
             "applied": self.applied,
         }
