@@ -236,3 +236,20 @@ def test_no_flapping_under_on_off_load() -> None:
     assert len(set_changes) <= 2
     assert len(moves) <= 4
     assert not result.failed
+
+
+def test_plans_respect_the_engines_min_chunk() -> None:
+    """A device 5x slower is worth ~20 samples of each step; with an engine whose
+    ``min_chunk`` is 32 it gets 32 or none, and the planner decides which (here none: 32
+    samples there would be the slowest chunk), instead of planning 20 that the engine would
+    not run."""
+    speeds = [1000.0, 1000.0, 200.0]
+    free = AllocationController(FakeEngine(3), control_interval=2.0)
+    drive(free, speeds, 0.0, 8.0)
+    assert 0 < free.plan.chunks(BATCH)[2] < 32
+    eng = FakeEngine(3)
+    eng.effective_min_chunk = 32  # type: ignore[attr-defined]
+    ctl = AllocationController(eng, control_interval=2.0)
+    drive(ctl, speeds, 0.0, 8.0)
+    assert all(c == 0 or c >= 32 for c in ctl.plan.chunks(BATCH))
+    assert ctl.plan.chunks(BATCH)[2] == 0

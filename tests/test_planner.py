@@ -6,6 +6,8 @@ import itertools
 import math
 import random
 
+import pytest
+
 from adaptive_nb.layout import Plan
 from adaptive_nb.plan.planner import (
     DeviceModel,
@@ -156,3 +158,43 @@ def test_plan_for_subset_reports_shares_by_position() -> None:
     assert isinstance(plan, Plan)
     assert plan.devices == (0, 2) and plan.shares[1] == 0.0
     assert plan.chunks() == [5, 0, 5]
+
+
+# -- min_chunk: a device gets at least that many samples, or none -------------------------
+
+
+def _three(slow_beta: float = 3.0) -> list[DeviceModel]:
+    return [DeviceModel(0, 0.0, 1.0), DeviceModel(1, 0.0, 1.0), DeviceModel(2, 0.0, slow_beta)]
+
+
+def test_solve_split_gives_every_device_at_least_min_chunk() -> None:
+    assert solve_split(_three(), 9) == [4, 4, 1]  # the slow device's best is one sample
+    assert min(solve_split(_three(), 9, min_chunk=2) or [0]) >= 2
+    assert solve_split(_three(), 5, min_chunk=2) is None  # 3 devices cannot all get 2
+    capped = [DeviceModel(0, 0.0, 1.0), DeviceModel(1, 0.0, 1.0, cap=1)]
+    assert solve_split(capped, 6, min_chunk=2) is None  # a cap under min_chunk
+
+
+def test_a_device_that_cannot_get_min_chunk_is_left_out_of_the_plan() -> None:
+    """Batch 9: with one-sample chunks allowed the slow device takes 1 (step 4 vs 5); with
+    min_chunk 2 giving it 2 would cost 6, so the plan leaves it out instead of giving it
+    fewer than 2 (what the engine would do to that chunk anyway)."""
+    loose = best_plan(_three(), 3, 9, Overhead(), primary=0)
+    assert loose is not None and loose.devices == (0, 1, 2) and loose.chunks(9)[2] == 1
+    plan = best_plan(_three(), 3, 9, Overhead(), primary=0, min_chunk=2)
+    assert plan is not None and plan.devices == (0, 1)
+    assert plan.chunks(9) in ([5, 4, 0], [4, 5, 0])
+    assert plan.predicted_step_s == pytest.approx(5.0)
+    assert evaluate(plan, _three(), Overhead(), 9, min_chunk=2) == pytest.approx(5.0)
+
+
+def test_min_chunk_holds_in_every_micro_batch() -> None:
+    """A's cap forces micro-batches; without the minimum the slow B would take one sample
+    of each; with min_chunk 3 no micro-batch gives any device fewer than 3."""
+    models = [DeviceModel(0, 0.0, 1.0, cap=10), DeviceModel(1, 0.0, 5.0)]
+    loose = best_plan(models, 2, 22, Overhead(), primary=0)
+    assert loose is not None and any(0 < c < 3 for m in loose.layout(22) for c in m)
+    plan = best_plan(models, 2, 22, Overhead(), primary=0, min_chunk=3)
+    assert plan is not None
+    for chunks in plan.layout(22):
+        assert all(c == 0 or c >= 3 for c in chunks), chunks

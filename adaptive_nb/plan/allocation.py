@@ -363,6 +363,11 @@ class AllocationController(Controller):
         return Overhead(base=per, per_device=per)
 
     # -- planning -------------------------------------------------------------------------
+    def _min_chunk(self) -> int:
+        """The fewest samples the engine gives a device (2 with batch norm): plans leave
+        out a device that cannot get that many rather than give it fewer."""
+        return max(1, int(getattr(self.engine, "effective_min_chunk", 1) or 1))
+
     def _candidates(self) -> list[DeviceState]:
         return [d for d in self.devices if d.enabled and not d.failed]
 
@@ -374,6 +379,7 @@ class AllocationController(Controller):
         batch = self._batch
         n = len(self.devices)
         overhead = self._overhead()
+        mc = self._min_chunk()
         models = {d.position: self._model(d, now) for d in cands}
         usable = [m for m in models.values() if m is not None]
         if self.policy == "static" or len(usable) < len(cands):
@@ -385,7 +391,7 @@ class AllocationController(Controller):
             if new is None:
                 return []
             if len(usable) == len(cands):
-                new = with_prediction(new, evaluate(new, usable, overhead))
+                new = with_prediction(new, evaluate(new, usable, overhead, min_chunk=mc))
             self._predicted = new.predicted_step_s
             if same_layout(new, self.plan):
                 self.plan = new
@@ -401,10 +407,12 @@ class AllocationController(Controller):
             subsets = None
         else:
             subsets = [in_use] if in_use and in_use[0] == 0 else None
-        new_plan = best_plan(ordered, n, batch, overhead, primary=self.primary, subsets=subsets)
+        new_plan = best_plan(
+            ordered, n, batch, overhead, primary=self.primary, subsets=subsets, min_chunk=mc
+        )
         if new_plan is None and subsets is not None and self.policy != "weights":
-            new_plan = best_plan(ordered, n, batch, overhead, primary=self.primary)
-        current = evaluate(self.plan, ordered, overhead, batch)
+            new_plan = best_plan(ordered, n, batch, overhead, primary=self.primary, min_chunk=mc)
+        current = evaluate(self.plan, ordered, overhead, batch, mc)
         if new_plan is None:
             self._predicted = None if math.isinf(current) else current
             return (
@@ -543,7 +551,7 @@ class AllocationController(Controller):
             used = [p for p in plan.devices if vec[p] > 0]
             return max(models[p].time(vec[p]) for p in used) + overhead(len(used))  # type: ignore[union-attr]
 
-        min_chunk = int(getattr(self.engine, "effective_min_chunk", 1) or 1)
+        min_chunk = self._min_chunk()
         vec = stable_chunks(
             base, plan.caps or None, cost, self.shapes, min_chunk=min_chunk, fault=self._fault
         )
@@ -635,8 +643,11 @@ class AllocationController(Controller):
             (m for m in current if m is not None and m.position in in_plan),
             key=lambda m: (m.position != self.primary, m.position),
         )
-        t_now = evaluate(self.plan, keep, overhead, batch)
-        same = best_plan(keep, n, batch, overhead, primary=self.primary, subsets=[range(len(keep))])
+        mc = self._min_chunk()
+        t_now = evaluate(self.plan, keep, overhead, batch, mc)
+        same = best_plan(
+            keep, n, batch, overhead, primary=self.primary, subsets=[range(len(keep))], min_chunk=mc
+        )
         if same is not None and same.predicted_step_s is not None:
             t_now = min(t_now, same.predicted_step_s)
         if math.isinf(t_now):
@@ -657,7 +668,9 @@ class AllocationController(Controller):
             if len(models) < len(keep):
                 continue
             subset = range(len(models))
-            plan = best_plan(models, n, batch, overhead, primary=q.position, subsets=[subset])
+            plan = best_plan(
+                models, n, batch, overhead, primary=q.position, subsets=[subset], min_chunk=mc
+            )
             t = math.inf if plan is None else (plan.predicted_step_s or math.inf)
             if plan is None or math.isinf(t):
                 continue
@@ -692,7 +705,9 @@ class AllocationController(Controller):
         """Give the first left-out device whose probe is due a few samples of each step."""
         if self.policy != "adaptive":
             return []
-        k = self.readmission.samples(self.plan.batch, self.plan.micro_batches)
+        k = max(
+            self.readmission.samples(self.plan.batch, self.plan.micro_batches), self._min_chunk()
+        )
         for d in self._candidates():
             if d.position in self.plan.devices or d.best is None:
                 continue
@@ -727,10 +742,15 @@ class AllocationController(Controller):
         without = [m for m in ordered if m.position != pos]
         batch = self._batch
         keep: Plan | None = None
-        old_t = evaluate(saved, without, overhead, batch)
+        mc = self._min_chunk()
+        old_t = evaluate(saved, without, overhead, batch, mc)
         if len(ordered) == len(cands):
-            best = best_plan(ordered, len(self.devices), batch, overhead, primary=self.primary)
-            rest = best_plan(without, len(self.devices), batch, overhead, primary=self.primary)
+            best = best_plan(
+                ordered, len(self.devices), batch, overhead, primary=self.primary, min_chunk=mc
+            )
+            rest = best_plan(
+                without, len(self.devices), batch, overhead, primary=self.primary, min_chunk=mc
+            )
             t_rest = math.inf if rest is None else (rest.predicted_step_s or math.inf)
             if best is not None and pos in best.devices:
                 t_best = best.predicted_step_s or math.inf

@@ -5,8 +5,10 @@ Model (the affine step-time model of heterogeneous data-parallel load balancing,
 LB-BSP, SoCC 2020): device ``i`` computes ``b`` samples in ``α_i + β_i·b`` seconds; a
 micro-step takes the slowest device plus a per-step overhead ``c0 + c1·(k−1)`` for ``k``
 devices; ``m`` micro-batches cost ``m`` micro-steps. Each chunk must fit the device's cap
-(samples per micro-step that fit its forecast free memory). Subsets are enumerated for up
-to :data:`ENUMERATE_MAX` devices; beyond that a greedy search adds devices by speed.
+(samples per micro-step that fit its forecast free memory) and hold at least ``min_chunk``
+samples (2 for a model with batch norm): a device that cannot get that many is left out of
+the plan rather than given fewer. Subsets are enumerated for up to :data:`ENUMERATE_MAX`
+devices; beyond that a greedy search adds devices by speed.
 """
 
 from __future__ import annotations
@@ -63,17 +65,19 @@ class Overhead:
         return 0.0 if k <= 0 else max(0.0, self.base + self.per_device * (k - 1))
 
 
-def solve_split(models: Sequence[DeviceModel], batch: int) -> list[int] | None:
-    """Integer chunks (one per model, each ≥ 1 and ≤ cap) that minimise the slowest device's
-    time for ``batch`` samples; None when infeasible. Continuous water-filling
-    (``T = (B + Σα/β)/Σ(1/β)``, clipped to caps) then an exact greedy finish."""
+def solve_split(models: Sequence[DeviceModel], batch: int, min_chunk: int = 1) -> list[int] | None:
+    """Integer chunks (one per model, each ≥ ``min_chunk`` and ≤ cap) that minimise the
+    slowest device's time for ``batch`` samples; None when infeasible. Continuous
+    water-filling (``T = (B + Σα/β)/Σ(1/β)``, clipped to caps) then an exact greedy
+    finish."""
     k = len(models)
-    if k == 0 or batch < k:
+    low = max(1, int(min_chunk))
+    if k == 0 or batch < k * low:
         return None
     caps = [m.cap_or_big for m in models]
-    if any(c < 1 for c in caps) or sum(min(c, batch) for c in caps) < batch:
+    if any(c < low for c in caps) or sum(min(c, batch) for c in caps) < batch:
         return None
-    lower = [1.0] * k
+    lower = [float(low)] * k
     fixed: dict[int, float] = {}
     free = list(range(k))
     left = float(batch)
@@ -95,9 +99,9 @@ def solve_split(models: Sequence[DeviceModel], batch: int) -> list[int] | None:
                 fixed[i] = lower[i]
                 left -= lower[i]
                 free.remove(i)
-    out = [max(1, min(caps[i], math.floor(fixed[i] + 1e-9))) for i in range(k)]
+    out = [max(low, min(caps[i], math.floor(fixed[i] + 1e-9))) for i in range(k)]
     while sum(out) > batch:  # floors of clipped values can overshoot by rounding; shave
-        j = max((i for i in range(k) if out[i] > 1), key=lambda i: models[i].time(out[i]))
+        j = max((i for i in range(k) if out[i] > low), key=lambda i: models[i].time(out[i]))
         out[j] -= 1
     heap = [(models[i].time(out[i] + 1), i) for i in range(k) if out[i] < caps[i]]
     heapq.heapify(heap)
@@ -124,15 +128,17 @@ def plan_for_subset(
     batch: int,
     overhead: Overhead,
     micro_batches: int,
+    min_chunk: int = 1,
 ) -> Plan | None:
     """Best split of ``batch`` over ``subset`` (indices into ``models``; the first is the
-    primary) with ``micro_batches`` micro-batches, or None when it does not fit."""
+    primary) with ``micro_batches`` micro-batches, or None when it does not fit (a chunk
+    over a cap, or under ``min_chunk`` in some micro-batch)."""
     chosen = [models[i] for i in subset]
     sizes = micro_batch_sizes(batch, micro_batches)
     total = 0.0
     first: list[int] | None = None
     for size in sorted(set(sizes), reverse=True):
-        chunks = solve_split(chosen, size)
+        chunks = solve_split(chosen, size, min_chunk)
         if chunks is None:
             return None
         if first is None:
@@ -164,13 +170,15 @@ def best_plan(
     primary: int | None = None,
     subsets: Iterable[Sequence[int]] | None = None,
     max_micro_batches: int = 64,
+    min_chunk: int = 1,
 ) -> Plan | None:
     """The plan with the lowest predicted step time.
 
     ``models`` are the candidate devices; ``primary`` (a position) must be in every subset
     and comes first; ``subsets`` (indices into ``models``) overrides the search. The
-    fewest micro-batches that fit are used (one more is also tried). None when the batch
-    cannot fit even at ``max_micro_batches``.
+    fewest micro-batches that fit are used (one more is also tried). Every device of a
+    plan gets at least ``min_chunk`` samples per micro-batch. None when the batch cannot
+    fit even at ``max_micro_batches``.
     """
     if not models or batch <= 0:
         return None
@@ -193,11 +201,12 @@ def best_plan(
             break
         if candidates:
             plans = (
-                plan_for_subset(models, s, n_positions, batch, overhead, m) for s in candidates
+                plan_for_subset(models, s, n_positions, batch, overhead, m, min_chunk)
+                for s in candidates
             )
             found_plan = _min_plan(plans)
         else:
-            found_plan = _greedy(models, idx_primary, n_positions, batch, overhead, m)
+            found_plan = _greedy(models, idx_primary, n_positions, batch, overhead, m, min_chunk)
         if found_plan is not None:
             m_fit = m if m_fit is None else m_fit
             if best is None or _t(found_plan) < _t(best):
@@ -208,10 +217,15 @@ def best_plan(
 
 
 def evaluate(
-    plan: Plan, models: Sequence[DeviceModel], overhead: Overhead, batch: int | None = None
+    plan: Plan,
+    models: Sequence[DeviceModel],
+    overhead: Overhead,
+    batch: int | None = None,
+    min_chunk: int = 1,
 ) -> float:
-    """Predicted step time of an existing plan's shares under (new) models and caps;
-    ``inf`` when a chunk no longer fits or a device is missing."""
+    """Predicted step time of an existing plan's shares under (new) models and caps, split
+    as the engines split it (``min_chunk`` included); ``inf`` when a chunk no longer fits
+    or a device is missing."""
     by_pos = {m.position: m for m in models}
     if any(p not in by_pos for p in plan.devices):
         return math.inf
@@ -223,7 +237,9 @@ def evaluate(
     b = plan.batch if batch is None else batch
     for size in micro_batch_sizes(b, plan.micro_batches):
         try:
-            chunks = chunk_sizes(plan.shares, size, caps, required=plan.primary)
+            chunks = chunk_sizes(
+                plan.shares, size, caps, required=plan.primary, min_chunk=min_chunk
+            )
         except ValueError:
             return math.inf
         k = sum(1 for p in plan.devices if chunks[p] > 0)
@@ -288,6 +304,7 @@ def _greedy(
     batch: int,
     overhead: Overhead,
     micro_batches: int,
+    min_chunk: int = 1,
 ) -> Plan | None:
     """Scalable search: add devices fastest first, keep the best prefix, then try
     dropping or adding single devices while that helps."""
@@ -298,7 +315,7 @@ def _greedy(
         order.insert(0, idx_primary)
 
     def plan_of(s: Sequence[int]) -> Plan | None:
-        return plan_for_subset(models, s, n_positions, batch, overhead, micro_batches)
+        return plan_for_subset(models, s, n_positions, batch, overhead, micro_batches, min_chunk)
 
     best: Plan | None = None
     best_set: list[int] = []
