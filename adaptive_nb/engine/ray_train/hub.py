@@ -1,0 +1,129 @@
+"""The mailbox between the kernel and the Ray Train workers: one Ray actor (:class:`Hub`)
+holding, per training attempt, a command queue per rank and one reply queue.
+
+Why an actor and not a socket back to the kernel: on a remote cluster the workers may
+not be able to reach the kernel, while every process of a Ray job can call an actor. The
+kernel and the workers exchange the same pickled tuples as the DDP engine
+(:mod:`adaptive_nb.engine.ddp.channel`), as bytes.
+
+Attempts: every (re)start of the worker group by Ray Train makes each worker
+:meth:`Hub.join` again; the first join of a rank that already joined the current attempt
+(or a new world size) opens a new attempt, and messages of an older attempt are dropped,
+so a worker of a failed group can never answer for the new one. Commands carry a
+sequence number and are delivered in that order whatever order the actor calls run in.
+
+This module does not import ``ray``: the class is made an actor by
+:func:`adaptive_nb.engine.ray_train.group.RayGroup` (``ray.remote(Hub)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+__all__ = ["Hub"]
+
+STOP_ALL = b""  # what a worker receives once the hub is closed: leave the loop
+
+
+class Hub:
+    """Asynchronous Ray actor: the commands and replies of the current attempt."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.world = 0
+        self.joined: dict[int, dict[str, Any]] = {}
+        self.inbox: dict[int, asyncio.Queue[bytes]] = {}
+        self.replies: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.next_seq = 0
+        self.early: dict[int, tuple[list[int] | None, bytes]] = {}
+        self.closed = False
+        self.changed = asyncio.Event()
+
+    # -- workers ----------------------------------------------------------------------------
+    def join(self, rank: int, world_size: int, info: dict[str, Any]) -> int:
+        """A worker of the current attempt says who it is; returns the attempt number."""
+        if self.attempt == 0 or rank in self.joined or world_size != self.world:
+            self.attempt += 1
+            self.world = world_size
+            self.joined = {}
+            self.inbox = {r: asyncio.Queue() for r in range(world_size)}
+            self.replies = asyncio.Queue()
+            self.next_seq = 0
+            self.early = {}
+        self.joined[rank] = dict(info)
+        self._notify()
+        return self.attempt
+
+    async def recv(self, attempt: int, rank: int) -> bytes:
+        """The next command for ``rank`` (waits); :data:`STOP_ALL` once closed or stale."""
+        if self.closed or attempt != self.attempt:
+            return STOP_ALL
+        queue = self.inbox[rank]
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if self.closed or attempt != self.attempt:
+                    return STOP_ALL
+
+    def reply(self, attempt: int, rank: int, payload: bytes) -> None:
+        if attempt == self.attempt:
+            self.replies.put_nowait((rank, payload))
+            self._notify()
+
+    # -- kernel -----------------------------------------------------------------------------
+    def send(self, attempt: int, seq: int, ranks: list[int] | None, payload: bytes) -> bool:
+        """Queue ``payload`` for ``ranks`` (None: all), in sequence order. False when the
+        attempt is no longer current (the message is dropped)."""
+        if attempt != self.attempt:
+            return False
+        self.early[seq] = (ranks, payload)
+        while self.next_seq in self.early:
+            targets, data = self.early.pop(self.next_seq)
+            for r in range(self.world) if targets is None else targets:
+                self.inbox[r].put_nowait(data)
+            self.next_seq += 1
+        return True
+
+    async def take(self, attempt: int, timeout: float) -> tuple[int, list[tuple[int, bytes]]]:
+        """The replies of ``attempt`` waiting now, after waiting up to ``timeout`` s for the
+        first one; with the current attempt number (a new one: the group was restarted)."""
+        if attempt != self.attempt:
+            return self.attempt, []
+        queue = self.replies
+        got: list[tuple[int, bytes]] = []
+        try:
+            got.append(await asyncio.wait_for(queue.get(), timeout=timeout))
+        except asyncio.TimeoutError:
+            return self.attempt, []
+        while not queue.empty():
+            got.append(queue.get_nowait())
+        return self.attempt, got
+
+    async def wait_joined(self, after: int, timeout: float) -> tuple[int, int, dict[int, Any]]:
+        """Wait until every rank of an attempt newer than ``after`` has joined: returns
+        (attempt, world size, info by rank), or the attempt so far on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self.attempt > after and len(self.joined) == self.world):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=min(left, 1.0))
+        return self.attempt, self.world, dict(self.joined)
+
+    def state(self) -> tuple[int, int, int]:
+        """(attempt, world size, ranks joined)."""
+        return self.attempt, self.world, len(self.joined)
+
+    def close(self) -> None:
+        """Every worker's next :meth:`recv` returns :data:`STOP_ALL`."""
+        self.closed = True
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()

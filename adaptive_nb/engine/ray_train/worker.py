@@ -1,0 +1,194 @@
+"""The Ray Train worker: ``train_loop_per_worker`` of the :class:`TorchTrainer`.
+
+Ray Train has already formed the torch process group (gloo on CPUs, nccl on GPUs) when
+this runs; the worker joins the :class:`~.hub.Hub` for this attempt, then runs the
+kernel's commands in order exactly like a DDP rank (:mod:`adaptive_nb.engine.ddp.worker`,
+whose :class:`~adaptive_nb.engine.ddp.rank.RankJob` it reuses: uneven-share loss scaling,
+slicing, per-rank measurements) plus one command of its own, ``CKPT``: every rank calls
+``ray.train.report`` (a barrier in Ray Train) and rank 0 attaches a checkpoint of the
+model, the optimizer and the number of steps applied. After a restart ``JOB`` loads the
+latest checkpoint (``ray.train.get_checkpoint()``) over the shipped state and answers
+with the step it holds, from which the kernel replays.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from typing import Any
+
+from ..ddp import channel as ch
+from ..ddp.worker import _error_reply
+from .hub import STOP_ALL
+
+__all__ = ["CKPT", "HubConnection", "train_loop"]
+
+CKPT = "ckpt"
+_STATE_FILE = "adaptive_nb_state.pt"
+
+
+class HubConnection:
+    """``recv_bytes``/``send_bytes`` over the hub (what :mod:`..ddp.channel` needs)."""
+
+    def __init__(self, hub: Any, attempt: int, rank: int) -> None:
+        self.hub = hub
+        self.attempt = attempt
+        self.rank = rank
+
+    def recv_bytes(self) -> bytes:
+        import ray
+
+        data: bytes = ray.get(self.hub.recv.remote(self.attempt, self.rank))
+        if data == STOP_ALL:
+            raise EOFError("the hub is closed")
+        return data
+
+    def send_bytes(self, data: bytes) -> None:
+        self.hub.reply.remote(self.attempt, self.rank, data)  # ordered per caller
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda:{device.index})"
+    return "cpu"
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` (``config``: the hub and torch threads)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    threads = int(config.get("threads") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_rank": ctx.get_node_rank(),
+        "device": _device_name(device),
+        "cuda": device.index if device.type == "cuda" else None,
+    }
+    hub = config["hub"]
+    attempt = ray.get(hub.join.remote(rank, world, info))
+    serve(HubConnection(hub, attempt, rank), rank, world, device)
+
+
+def _load_checkpoint(job: Any) -> int:
+    """The latest Ray Train checkpoint into ``job``; the steps it holds (0: none)."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        state = torch.load(os.path.join(path, _STATE_FILE), map_location=job.device)
+    job.module.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.applied = int(state["applied"])
+    return int(job.applied)
+
+
+def _report_checkpoint(job: Any, rank: int) -> None:
+    """Every rank reports (Ray Train's barrier); rank 0 attaches the state."""
+    import ray.train
+    import torch
+
+    metrics = {"applied": job.applied}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="adaptive_nb_ckpt_") as tmp:
+        torch.save(job.state(), os.path.join(tmp, _STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def serve(conn: HubConnection, rank: int, world_size: int, device: Any) -> None:
+    """The DDP rank's command loop (:func:`adaptive_nb.engine.ddp.worker._serve`), with
+    the job placed on this worker's device, loaded from Ray's checkpoint after a
+    restart, and the ``CKPT`` command."""
+    import cloudpickle
+
+    from ..ddp.rank import RankJob, StepFailed, is_oom
+
+    job: RankJob | None = None
+    late: BaseException | None = None
+    while True:
+        try:
+            msg = ch.get(conn)
+        except (EOFError, OSError):
+            return
+        kind = msg[0]
+        try:
+            if kind == ch.STOP:
+                ch.put(conn, (ch.OK, rank))
+                return
+            if late is not None and (kind in ch.REPLIED or kind == CKPT):
+                err, late = late, None
+                raise err
+            if kind == ch.JOB:
+                job = None
+                shipped = cloudpickle.loads(msg[1])
+                if device.type == "cuda":  # each rank reads its own entry
+                    shipped["device_ids"] = [device.index] * world_size
+                else:
+                    shipped["device_ids"] = None
+                    shipped["sync_bn"] = False
+                job = RankJob(shipped, rank, world_size)
+                ch.put(conn, (ch.OK, rank, _load_checkpoint(job)))
+            elif kind == ch.PLAN:
+                assert job is not None
+                job.add_plan(*msg[1:])
+            elif kind == ch.STEP:
+                assert job is not None
+                if len(msg) > 2:
+                    job.apply(msg[2])
+                try:
+                    ch.put(conn, (ch.DONE, job.forward_backward(msg[1])))
+                except StepFailed as exc:
+                    ch.put(conn, (ch.LOST, rank, str(exc)))
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    ch.put(conn, (ch.OOM, rank, str(exc)))
+            elif kind == ch.APPLY:
+                assert job is not None
+                try:
+                    job.apply(msg[1])
+                except Exception as exc:
+                    late = exc
+            elif kind == CKPT:
+                assert job is not None
+                _report_checkpoint(job, rank)
+                ch.put(conn, (ch.OK, rank, job.applied))
+            elif kind == ch.DISCARD:
+                assert job is not None
+                job.discard()
+                ch.put(conn, (ch.OK, rank))
+            elif kind == ch.STATE:
+                assert job is not None
+                ch.put(conn, (ch.STATE, rank, job.state()))
+            elif kind == ch.LOG:
+                ch.put(conn, (ch.LOG, rank, list(job.history) if job is not None else []))
+            elif kind == ch.GRADS:
+                assert job is not None
+                ch.put(conn, (ch.GRADS, rank, job.gradients()))
+            elif kind == ch.END:
+                job = None
+                ch.put(conn, (ch.OK, rank))
+            else:
+                raise RuntimeError(f"unknown command {kind!r}")
+        except Exception as exc:
+            ch.put(conn, _error_reply(exc, rank))
+
+
+def dumps(message: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
