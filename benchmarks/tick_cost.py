@@ -35,7 +35,10 @@ DEVICE_COUNTS = (1, 4, 8, 16)
 
 
 class StubEngine:
-    """Holds the plan the controller applies; nothing runs."""
+    """Holds the plan the controller applies; nothing runs. Its primary can move (as the
+    DataParallel engine's), so ticks include the controller's primary check."""
+
+    movable_primary = True
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -49,6 +52,9 @@ class StubEngine:
 
     def apply_plan(self, plan: Plan) -> None:
         self.plan = plan
+
+    def move_bytes(self) -> int:
+        return 400 * 2**20  # a 25M-parameter model with Adam
 
     @property
     def last_batch(self) -> int:

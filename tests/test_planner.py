@@ -198,3 +198,45 @@ def test_min_chunk_holds_in_every_micro_batch() -> None:
     assert plan is not None
     for chunks in plan.layout(22):
         assert all(c == 0 or c >= 3 for c in chunks), chunks
+
+
+def _full_scan(
+    models: list[DeviceModel], batch: int, overhead: Overhead, primary: int, min_chunk: int
+) -> Plan | None:
+    """best_plan's search without pruning: every subset at every micro-batch count tried,
+    the first strict minimum kept (the enumeration before branch and bound)."""
+    idx = next(i for i, m in enumerate(models) if m.position == primary)
+    others = [i for i in range(len(models)) if i != idx]
+    subsets = [[idx, *c] for r in range(len(others) + 1) for c in itertools.combinations(others, r)]
+    best: Plan | None = None
+    m_fit: int | None = None
+    for m in range(1, 65):
+        if m_fit is not None and m > m_fit + 1:
+            break
+        found: Plan | None = None
+        for s in subsets:
+            p = plan_for_subset(models, s, len(models), batch, overhead, m, min_chunk)
+            if p is not None and (found is None or p.predicted_step_s < found.predicted_step_s):  # type: ignore[operator]
+                found = p
+        if found is not None:
+            m_fit = m if m_fit is None else m_fit
+            if best is None or found.predicted_step_s < best.predicted_step_s:  # type: ignore[operator]
+                best = found
+        if m >= batch:
+            break
+    return best
+
+
+def test_pruned_subset_search_finds_what_the_full_scan_finds() -> None:
+    """Branch and bound over subsets returns the very plan the full enumeration returns
+    (same devices, shares, micro-batches, time) on random fleets of up to 8 devices."""
+    rng = random.Random(7)
+    for trial in range(60):
+        n = rng.randint(1, 8)
+        models = random_models(rng, n, caps=trial % 2 == 0)
+        batch = rng.randint(n, 300)
+        overhead = Overhead(rng.uniform(0, 0.01), rng.uniform(0, 0.01))
+        min_chunk = rng.choice([1, 1, 2])
+        got = best_plan(models, n, batch, overhead, primary=0, min_chunk=min_chunk)
+        want = _full_scan(models, batch, overhead, 0, min_chunk)
+        assert got == want, (trial, got, want)

@@ -119,6 +119,7 @@ class DataParallelEngine(Engine):
         self.primary = 0  # position of the device that holds the module
         self.primary_moves = 0
         self.last_move_s: float | None = None  # seconds the latest primary move took
+        self.last_move_bytes = 0  # bytes it copied (parameters, gradients, buffers)
         self.wrapper: WeightedDataParallel | None = None
         self._pending: deque[_Pending] = deque()
         self._intervals: list[Interval] = []
@@ -175,6 +176,10 @@ class DataParallelEngine(Engine):
         if self.wrapper is None:
             self.primary = position
             return
+        module = self.wrapper.module
+        tensors = [*module.parameters(), *module.buffers()]
+        tensors += [p.grad for p in module.parameters() if p.grad is not None]
+        self.last_move_bytes = sum(t.numel() * t.element_size() for t in tensors)
         t0 = time.perf_counter()
         self.wrapper.set_primary(position, self.torch_device(position))
         self._synchronize(position)

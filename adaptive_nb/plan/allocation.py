@@ -631,19 +631,28 @@ class AllocationController(Controller):
             or now - self._last_primary_move < self.primary_interval
         ):
             return []
-        cands = self._candidates()
+        cands = [d for d in self._candidates() if d.position in self.plan.devices]
         if len(cands) < 2 or not any(d.position == self.primary for d in cands):
             return []
-        n, batch, overhead = len(self.devices), self._batch, self._overhead()
-        current = [self._model(d, now) for d in cands]
-        if any(m is None for m in current):
+        n, batch, overhead, mc = len(self.devices), self._batch, self._overhead(), self._min_chunk()
+        # each device's model as a non-primary and as the primary: 2n models, not n²
+        plain = {d.position: self._compute_model(d, now, self._cap(d, False)) for d in cands}
+        as_primary: dict[int, DeviceModel | None] = {}
+        extra = (self._extra_s or 0.0) / max(1, self.plan.micro_batches)
+        for d in cands:
+            m = self._compute_model(d, now, self._cap(d, True))
+            as_primary[d.position] = m and dataclasses.replace(m, alpha=m.alpha + extra)
+        if any(m is None for m in (*plain.values(), *as_primary.values())):
             return []
-        in_plan = set(self.plan.devices)
-        keep = sorted(
-            (m for m in current if m is not None and m.position in in_plan),
-            key=lambda m: (m.position != self.primary, m.position),
-        )
-        mc = self._min_chunk()
+
+        def models_with(primary: int) -> list[DeviceModel]:
+            chosen = [as_primary[p] if p == primary else plain[p] for p in sorted(plain)]
+            return sorted(
+                (m for m in chosen if m is not None),
+                key=lambda m: (m.position != primary, m.position),
+            )
+
+        keep = models_with(self.primary)
         t_now = evaluate(self.plan, keep, overhead, batch, mc)
         same = best_plan(
             keep, n, batch, overhead, primary=self.primary, subsets=[range(len(keep))], min_chunk=mc
@@ -656,20 +665,17 @@ class AllocationController(Controller):
         cost = self.move_cost.seconds(nbytes)
         best: tuple[float, Plan] | None = None
         for q in cands:
-            if q.position == self.primary or q.position not in in_plan:
+            if q.position == self.primary:
                 continue
-            found = [
-                self._model(d, now, primary=q.position) for d in cands if d.position in in_plan
-            ]
-            models = sorted(
-                (m for m in found if m is not None),
-                key=lambda m: (m.position != q.position, m.position),
-            )
-            if len(models) < len(keep):
-                continue
-            subset = range(len(models))
+            models = models_with(q.position)
             plan = best_plan(
-                models, n, batch, overhead, primary=q.position, subsets=[subset], min_chunk=mc
+                models,
+                n,
+                batch,
+                overhead,
+                primary=q.position,
+                subsets=[range(len(models))],
+                min_chunk=mc,
             )
             t = math.inf if plan is None else (plan.predicted_step_s or math.inf)
             if plan is None or math.isinf(t):
@@ -697,7 +703,8 @@ class AllocationController(Controller):
             )
         ]
         events += self._apply(plan, now, step, "primary moved", old_t=t_now)
-        self.move_cost.record(nbytes, getattr(self.engine, "last_move_s", None))
+        moved = getattr(self.engine, "last_move_bytes", 0) or nbytes  # what it really copied
+        self.move_cost.record(int(moved), getattr(self.engine, "last_move_s", None))
         return events
 
     # -- readmission probes (policy: plan/probe.py) -------------------------------------

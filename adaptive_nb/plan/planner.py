@@ -8,7 +8,9 @@ devices; ``m`` micro-batches cost ``m`` micro-steps. Each chunk must fit the dev
 (samples per micro-step that fit its forecast free memory) and hold at least ``min_chunk``
 samples (2 for a model with batch norm): a device that cannot get that many is left out of
 the plan rather than given fewer. Subsets are enumerated for up to :data:`ENUMERATE_MAX`
-devices; beyond that a greedy search adds devices by speed.
+devices (branch and bound: a subset whose lower bound, the continuous water-filling time,
+cannot beat the best plan found is not solved; the result is the one full enumeration
+gives); beyond that a greedy search adds devices by speed.
 """
 
 from __future__ import annotations
@@ -200,11 +202,10 @@ def best_plan(
         if m_fit is not None and m > m_fit + 1:
             break
         if candidates:
-            plans = (
-                plan_for_subset(models, s, n_positions, batch, overhead, m, min_chunk)
-                for s in candidates
+            incumbent = math.inf if best is None else _t(best)
+            found_plan = _best_of_subsets(
+                models, candidates, n_positions, batch, overhead, m, min_chunk, incumbent
             )
-            found_plan = _min_plan(plans)
         else:
             found_plan = _greedy(models, idx_primary, n_positions, batch, overhead, m, min_chunk)
         if found_plan is not None:
@@ -280,12 +281,56 @@ def _t(plan: Plan) -> float:
     return math.inf if plan.predicted_step_s is None else plan.predicted_step_s
 
 
-def _min_plan(plans: Iterable[Plan | None]) -> Plan | None:
-    best: Plan | None = None
-    for p in plans:
-        if p is not None and (best is None or _t(p) < _t(best)):
-            best = p
-    return best
+def _lower_bound(
+    chosen: Sequence[DeviceModel],
+    sizes: Sequence[tuple[int, int]],
+    overhead: Overhead,
+    low: int,
+) -> float:
+    """A lower bound of :func:`plan_for_subset`'s predicted time over ``chosen``: per
+    micro-batch of ``size`` (``count`` of them), the continuous optimum
+    ``(size + Σα/β) / Σ(1/β)`` (caps and integers can only add to it) and no less than
+    any device's time for ``low`` samples, plus the overhead."""
+    inv = sum(1.0 / max(m.beta, 1e-12) for m in chosen)
+    lead = sum(m.alpha / max(m.beta, 1e-12) for m in chosen)
+    floor = max(m.alpha + m.beta * low for m in chosen)
+    extra = overhead(len(chosen))
+    return sum(count * (max((size + lead) / inv, floor) + extra) for size, count in sizes)
+
+
+def _best_of_subsets(
+    models: Sequence[DeviceModel],
+    candidates: Sequence[Sequence[int]],
+    n_positions: int,
+    batch: int,
+    overhead: Overhead,
+    micro_batches: int,
+    min_chunk: int,
+    incumbent: float,
+) -> Plan | None:
+    """The best plan over ``candidates`` with ``micro_batches`` (the first of equal ones in
+    ``candidates`` order, as a full scan finds it), solving subsets in order of their
+    lower bound and stopping at the first bound above the best time found so far (or
+    above ``incumbent``, a plan the caller already has: nothing above it matters)."""
+    sizes = micro_batch_sizes(batch, micro_batches)
+    counts = [(size, sizes.count(size)) for size in set(sizes)]
+    low = max(1, int(min_chunk))
+    bounds = sorted(
+        (_lower_bound([models[i] for i in s], counts, overhead, low), j)
+        for j, s in enumerate(candidates)
+        if s
+    )
+    found: tuple[float, int, Plan] | None = None
+    for bound, j in bounds:
+        limit = min(incumbent, found[0] if found is not None else math.inf)
+        if bound > limit * (1.0 + 1e-9):
+            break
+        plan = plan_for_subset(
+            models, candidates[j], n_positions, batch, overhead, micro_batches, min_chunk
+        )
+        if plan is not None and (found is None or (_t(plan), j) < found[:2]):
+            found = (_t(plan), j, plan)
+    return None if found is None else found[2]
 
 
 def _all_subsets(n: int, primary: int | None) -> list[list[int]]:

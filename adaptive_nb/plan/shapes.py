@@ -95,6 +95,7 @@ def stable_chunks(
 
     best: tuple[int, int, float, list[int]] | None = None
     fallback: tuple[float, list[int]] | None = None
+    tried: set[tuple[int, ...]] = set()  # one vector is reached from several absorbers
     for absorber in active:
         others = [i for i in active if i != absorber]
         # at most 3 candidates per device nearest its base chunk keep the search small
@@ -109,6 +110,10 @@ def stable_chunks(
             for i, c in zip(others, combo, strict=True):
                 vec[i] = c
             vec[absorber] = rest
+            key = tuple(vec)
+            if key in tried:
+                continue
+            tried.add(key)
             new = sum(1 for i in active if vec[i] not in seen[i])
             if any(full[i] and vec[i] not in seen[i] for i in active):
                 continue

@@ -61,6 +61,7 @@ class SimulatedEngine(Engine):
         self.last_batch = 0
         self.primary_moves = 0
         self.last_move_s: float | None = None
+        self.last_move_bytes = 0
 
     # -- Engine ---------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -81,6 +82,7 @@ class SimulatedEngine(Engine):
             seconds = self.move_bytes() / (MOVE_GBPS * 1e9)
             self.fleet.clock.advance(seconds)  # the copy holds up training
             self.last_move_s = seconds
+            self.last_move_bytes = self.move_bytes()
             self.primary_moves += 1
         self.plan = plan
 
