@@ -252,17 +252,14 @@ def test_an_optimizer_step_that_never_fits_stops_with_nothing_applied() -> None:
     assert len(opt.state) == 0  # the state the failed step began is gone
 
 
-def test_an_oom_in_an_uncopied_later_optimizer_step_stops_and_says_why(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A later step whose copy costs more than the budget is not copied: an out-of-memory
-    there stops the run and says the update may be partly applied (see
+def test_an_oom_in_an_uncopied_later_optimizer_step_stops_and_says_why() -> None:
+    """A later step that is not copied (here: parameters in host memory) stops the run on
+    an out-of-memory and says the update may be partly applied (see
     test_optimizer_step_oom for the copied case, which recovers exactly)."""
     model = _linear_with_grads()
     opt = OomOnceAdam(model.parameters(), fail=0, lr=0.01)
     apply_optimizer_step(opt)
-    apply_optimizer_step(opt)  # the first later step is copied: that measures the copy
-    monkeypatch.setattr("adaptive_nb.run.attempt.GUARD_BUDGET", 0.0)  # now too dear
+    apply_optimizer_step(opt)
     opt.fail = opt.calls + 1
     with pytest.raises(OutOfMemory, match="may be partly applied"):
         apply_optimizer_step(opt)

@@ -44,6 +44,19 @@ class HalfwayOomAdam(torch.optim.Adam):
         )
 
 
+@pytest.fixture
+def on_gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The parameters count as on ``cuda:0`` (only GPU steps are copied after the first;
+    the tensors stay on the CPU) with an allocator reserve the test sets; emptying the
+    cache does nothing."""
+    reserved = {"mb": 900}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: reserved["mb"])
+    monkeypatch.setattr(attempt, "devices_of", lambda ts: [torch.device("cuda", 0)])
+    monkeypatch.setattr(attempt, "_free_cache", lambda devices: None)
+    return reserved
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -84,7 +97,7 @@ def _same(model: nn.Module, ref: nn.Module, opt: Any, ref_opt: Any) -> bool:
 
 
 def test_a_later_step_that_runs_out_of_memory_half_way_is_retried_exactly(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, on_gpu: dict[str, int]
 ) -> None:
     # copies count as cheap whatever this busy machine's timing (the budget rule itself:
     # test_a_step_after_the_cache_was_released_is_copied_even_when_dear and test_exact_retry)
@@ -105,7 +118,7 @@ def test_a_later_step_that_runs_out_of_memory_half_way_is_retried_exactly(
 
 
 def test_a_later_step_that_never_fits_stops_with_the_last_completed_step(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, on_gpu: dict[str, int]
 ) -> None:
     monkeypatch.setattr(attempt, "GUARD_BUDGET", 1e9)
     model = _model()
@@ -127,16 +140,12 @@ def test_a_later_step_that_never_fits_stops_with_the_last_completed_step(
 
 
 def test_a_step_after_the_cache_was_released_is_copied_even_when_dear(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, on_gpu: dict[str, int]
 ) -> None:
     """Copying costs more than the budget, but the allocator gave memory back since the
     last step (its reserve fell): the blocks the step's scratch used may be gone, so this
     step is copied and its out-of-memory recovered exactly."""
-    reserved = {"mb": 900}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: reserved["mb"])
-    monkeypatch.setattr(attempt, "devices_of", lambda ts: [torch.device("cuda", 0)])
-    monkeypatch.setattr(attempt, "_free_cache", lambda devices: None)
+    reserved = on_gpu
     model = _model()
     ref = copy.deepcopy(model)
     opt = HalfwayOomAdam(_groups(model), fail_on={4, 5}, lr=0.01)
@@ -153,3 +162,16 @@ def test_a_step_after_the_cache_was_released_is_copied_even_when_dear(
     assert apply_optimizer_step(opt) == 2
     ref_opt.step()
     assert _same(model, ref, opt, ref_opt)
+
+
+def test_host_memory_steps_are_not_copied_after_the_first() -> None:
+    """Parameters in host memory: copying them would take the memory that ran short, so a
+    later step is not copied, and an out-of-memory there says so."""
+    model = _model()
+    opt = HalfwayOomAdam(_groups(model), fail_on={3}, lr=0.01)
+    for k in range(2):
+        _grads(model, k)
+        apply_optimizer_step(opt)
+    _grads(model, 2)
+    with pytest.raises(OutOfMemory, match="parameters in host memory"):
+        apply_optimizer_step(opt)
