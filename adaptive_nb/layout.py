@@ -25,7 +25,10 @@ __all__ = [
 @dataclass(frozen=True)
 class Plan:
     """How to run one global batch. ``shares`` and ``caps`` are indexed by device position
-    (0 for unused devices); ``devices`` lists the positions in use, primary first."""
+    (0 for unused devices) and keep that indexing whichever device is the primary;
+    ``devices`` lists the positions in use, primary first (the primary holds the
+    parameters, gathers, computes the loss and steps the optimizer: a plan that names
+    another one first moves it, see the engines' ``apply_plan``)."""
 
     devices: tuple[int, ...]
     shares: tuple[float, ...]
@@ -36,6 +39,8 @@ class Plan:
 
     @property
     def primary(self) -> int:
+        """The primary's position: the first of ``devices`` (one home for it, so that no
+        field can disagree with the device order)."""
         return self.devices[0]
 
     def chunks(self, total: int | None = None) -> list[int]:
