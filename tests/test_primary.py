@@ -223,9 +223,10 @@ class _MoveAt(Controller):
 
     def __init__(self, engine: DataParallelEngine, at_step: int) -> None:
         self.engine, self.at_step = engine, at_step
+        self.outcomes: list[StepOutcome] = []
 
     def observe(self, outcome: StepOutcome) -> None:
-        pass
+        self.outcomes.append(outcome)
 
     def tick(self, now: float, step: int, snapshot: Snapshot | None) -> list[Event]:
         if step == self.at_step:
@@ -273,6 +274,7 @@ def test_training_across_a_primary_move_equals_a_plain_loop(
         return nn.functional.cross_entropy(out, b[1])
 
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    controller = _MoveAt(engine, 3)
     Run(
         step,
         model=model,
@@ -281,7 +283,7 @@ def test_training_across_a_primary_move_equals_a_plain_loop(
         epochs=None,
         steps=len(data),
         engine=engine,
-        controller=_MoveAt(engine, 3),
+        controller=controller,
         snapshots=None,
         policy="static",
         headroom=0.1,
@@ -299,6 +301,15 @@ def test_training_across_a_primary_move_equals_a_plain_loop(
     assert seen[:3] == [(0, [0, 1, 2])] * 3  # position 0 first until the move
     assert seen[3:] == [(1, [1, 0, 2])] * 3  # then the new primary first, positions kept
     assert engine.wrapper is not None and engine.wrapper.output_device == 1
+    # the loss and the optimizer update are charged to the primary of their step
+    phases = [o.device_phase_s for o in controller.outcomes if o.device_phase_s]
+    assert phases, "the stubbed engine measured no step"
+    extra = [{p for p, k in ph.items() if "loss" in k and "optimizer" in k} for ph in phases]
+    assert (
+        {0} in extra
+        and {1} in extra
+        and extra.index({1}) > max(i for i, e in enumerate(extra) if e == {0})
+    )
 
 
 def test_a_move_before_prepare_puts_the_model_straight_on_the_new_primary() -> None:
