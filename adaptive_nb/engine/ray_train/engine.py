@@ -25,6 +25,9 @@ What Ray adds:
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -122,6 +125,7 @@ class RayEngine(Engine):
         self.checkpoint_s = 0.0
         self.on_event: EventSink | None = None
         self._early_events: list[tuple[str, str]] = []
+        self._own_storage: str | None = None
 
     # -- names ------------------------------------------------------------------------------
     def device_names(self) -> list[str]:
@@ -168,6 +172,10 @@ class RayEngine(Engine):
         self._payload = dumps_job(self._job)
         try:
             self.connection.open()
+            if self.group.storage_path is None and self.connection.address is None:
+                # a local Ray: checkpoints in a directory of this run, removed at close
+                self._own_storage = tempfile.mkdtemp(prefix="adaptive_nb_ray_")
+                self.group.storage_path = self._own_storage
             self.group.start()
             self._load_job()
         except BaseException:
@@ -461,6 +469,13 @@ class RayEngine(Engine):
         finally:
             self._shutdown()
 
+    @property
+    def run_dir(self) -> str | None:
+        """Where Ray Train keeps this run's checkpoints (None: Ray's default place)."""
+        if self.group.storage_path is None:
+            return None
+        return os.path.join(self.group.storage_path, self.group.run_name)
+
     def _shutdown(self) -> None:
         self._running = False
         self._closed = True
@@ -468,3 +483,6 @@ class RayEngine(Engine):
             self.group.stop()
         finally:
             self.connection.close()
+            if self._own_storage is not None:
+                shutil.rmtree(self._own_storage, ignore_errors=True)
+                self._own_storage = None

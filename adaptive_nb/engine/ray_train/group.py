@@ -78,6 +78,7 @@ class RayGroup:
         self.restart_timeout_s = restart_timeout_s
         self.resize_interval_s = resize_interval_s
         self.hub: Any = None
+        self.run_name = f"adaptive_nb_{int(time.time() * 1000)}"
         self.attempt = 0
         self.current_world = 0  # workers in the current attempt
         self.infos: dict[int, dict[str, Any]] = {}
@@ -93,7 +94,7 @@ class RayGroup:
     # -- start ------------------------------------------------------------------------------
     def _trainer(self) -> Any:
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         use_gpu = self.gpus_per_worker > 0
@@ -110,9 +111,12 @@ class RayGroup:
         )
         self.hub = ray.remote(Hub).options(num_cpus=0, max_concurrency=1000).remote()
         run = RunConfig(
-            name=f"adaptive_nb_{int(time.time() * 1000)}",
+            name=self.run_name,
             storage_path=self.storage_path,
             failure_config=FailureConfig(max_failures=self.max_failures),
+            # the latest and the one before (a restart right after a report may still
+            # start from the one before: Ray Train registers a report at its next poll)
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
         )
         return TorchTrainer(
             train_loop,
