@@ -4,9 +4,15 @@ Two groups of 2 gloo ranks (1 torch thread each) stay up side by side; only one 
 at a time. Blocks of ``--steps`` steps alternate (engine, plain, engine, plain, ...;
 ``--rounds`` of each) so that load from elsewhere on the machine hits both alike.
 
-* engine: :class:`adaptive_nb.engine.ddp.DDPEngine` driven step by step from this process
-  (``forward_backward`` on a token, then ``optimizer_step``), equal shares; a block ends
-  with one more round trip (``rank_log``) so its last update is counted.
+* engine (``--mode engine``): :class:`adaptive_nb.engine.ddp.DDPEngine` driven step by
+  step from this process as the run loop drives it (``expect_next`` the next token of the
+  block, ``forward_backward`` on a token, ``optimizer_step``; ``--lockstep``: no run-ahead),
+  equal shares; a block ends with one more round trip (``rank_log``) so its last update is
+  counted.
+* loop (``--mode loop``): the whole of ``adaptive_nb.start(engine="ddp", workers=W,
+  policy="static")`` (the loop's bookkeeping, controller, ticks and callbacks included) on
+  the same job; a callback marks the block boundaries, settles the step sent ahead and
+  waits there while the plain loop runs its block.
 * plain: the textbook loop in fresh processes started by this file (``--plain-rank``):
   ``DistributedDataParallel``, each rank slicing its half of the same global batch, mean
   loss, ``backward``, ``optimizer.step``; rank 0 times the block between two barriers.
@@ -16,6 +22,7 @@ Per-step time = block wall time / steps. Prints each round's ratio engine/plain,
 median and the spread (min–max). Goal: median ratio ≤ 1.05. Results: benchmarks/ddp_results.md.
 
     .venv/bin/python benchmarks/ddp_overhead.py --steps 200 --rounds 7
+    .venv/bin/python benchmarks/ddp_overhead.py --steps 200 --rounds 7 --mode loop
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -162,6 +171,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--plain-rank", type=int, default=None)
+    ap.add_argument("--mode", choices=("engine", "loop"), default="engine")
+    ap.add_argument("--lockstep", action="store_true", help="engine mode without run-ahead")
     args = ap.parse_args()
     set_size(args.batch, args.hidden)
     if args.plain_rank is not None:
@@ -169,30 +180,12 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from adaptive_nb.engine.ddp import DDPEngine
-
     data = make_data(args.batches)
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    engine = DDPEngine(
-        step_fn, model=model, optimizer=opt, data=data, world_size=args.world, threads=1
-    )
     plain = Plain(args.world, args.batches)
-    engine.start()
-    epochs = (args.rounds * args.steps + 40) // args.batches + 1
-    tokens = list(engine.iter_batches(data, epochs))
-    position = 0
-
-    def engine_block(n: int) -> float:
-        nonlocal position
-        t0 = time.perf_counter()
-        for _ in range(n):
-            engine.forward_backward(None, tokens[position])
-            engine.optimizer_step()
-            position += 1
-        engine.rank_log()  # one round trip: the block's last update has been applied
-        return time.perf_counter() - t0
-
+    if args.mode == "loop":
+        engine_block, finish = loop_blocks(args, data)
+    else:
+        engine_block, finish = engine_blocks(args, data)
     try:
         engine_block(20)  # warm-up of both
         plain.block(20)
@@ -211,12 +204,109 @@ def main() -> None:
         print(
             f"median ratio {statistics.median(ratios):.3f} "
             f"(spread {min(ratios):.3f}–{max(ratios):.3f}, {args.rounds} rounds of "
-            f"{args.steps} steps, {args.world} ranks, batch {BATCH}, hidden {HIDDEN}); "
+            f"{args.steps} steps, {args.world} ranks, batch {BATCH}, hidden {HIDDEN}, "
+            f"mode {args.mode}{' lockstep' if args.lockstep else ''}); "
             f"median difference {statistics.median(diffs) * 1e3:.2f} ms/step"
         )
     finally:
-        engine.close()
+        finish()
         plain.close()
+
+
+Block = Callable[[int], float]
+
+
+def engine_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Callable[[], None]]:
+    """Blocks of steps of a DDPEngine driven as the run loop drives it."""
+    from adaptive_nb.engine.ddp import DDPEngine
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    engine = DDPEngine(
+        step_fn,
+        model=model,
+        optimizer=opt,
+        data=data,
+        world_size=args.world,
+        threads=1,
+        run_ahead=not args.lockstep,
+    )
+    engine.start()
+    epochs = (args.rounds * args.steps + 40) // args.batches + 1
+    tokens = list(engine.iter_batches(data, epochs))
+    position = 0
+
+    def block(n: int) -> float:
+        nonlocal position
+        t0 = time.perf_counter()
+        for i in range(n):
+            # the loop says so when another step follows (not at the end of a block)
+            engine.expect_next(tokens[position + 1] if i + 1 < n else None)
+            engine.forward_backward(None, tokens[position])
+            engine.optimizer_step()
+            position += 1
+        engine.rank_log()  # one round trip: the block's last update has been applied
+        return time.perf_counter() - t0
+
+    return block, engine.close
+
+
+def loop_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Callable[[], None]]:
+    """Blocks of steps of the whole run loop (``adaptive_nb.start``), marked by a callback."""
+    import adaptive_nb
+
+    ready = threading.Event()  # the run reached the end of a block
+    go = threading.Event()  # the next block may start
+    marks: list[float] = []
+    want = [0]  # the step at which the current block ends
+
+    class Marks:
+        def on_step_end(self, step: int, loss: float | None, history: Any) -> None:
+            if step != want[0]:
+                return
+            run = adaptive_nb.last_run()
+            assert run is not None
+            run.engine.rank_log()  # type: ignore[attr-defined]  # the step sent ahead: settled
+            marks.append(time.perf_counter())
+            ready.set()
+            go.wait()
+            go.clear()
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    total = 20 + args.rounds * args.steps
+    run = adaptive_nb.start(
+        step_fn,
+        model=model,
+        optimizer=opt,
+        data=data,
+        steps=total + 1,
+        devices="cpu",
+        engine="ddp",
+        workers=args.world,
+        policy="static",
+        callbacks=[Marks()],
+    )
+    done = [0]
+
+    def block(n: int) -> float:
+        want[0] = done[0] + n
+        t0 = time.perf_counter()
+        if done[0] == 0:
+            ready.clear()
+        else:
+            go.set()
+        ready.wait()
+        ready.clear()
+        done[0] += n
+        return marks[-1] - t0
+
+    def finish() -> None:
+        want[0] = -1
+        go.set()
+        run.wait(timeout=600)
+
+    return block, finish
 
 
 if __name__ == "__main__":

@@ -130,6 +130,46 @@ def test_out_of_memory_on_one_rank_is_retried_by_all_ranks_exactly_once(
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_out_of_memory_under_run_ahead_skips_the_step_sent_ahead_on_every_rank(
+    group: WorkerGroup,
+) -> None:
+    """Step 1 leaves with step 0's update while step 0 runs; rank 1 runs out of memory on
+    step 0, so every rank learns it (the all-reduce after the last bucket) and skips step
+    1 without applying step 0; the retry applies each step once."""
+    batches = data(3)
+    ref = net()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    reference_steps(regress, ref, ref_opt, batches)
+
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    engine = DDPEngine(
+        small_rank1, model=model, optimizer=optimizer, data=batches, group=group, run_ahead=True
+    )
+    engine.start()
+    tokens = list(engine.iter_batches(batches, 1))
+    ooms = 0
+    try:
+        for i, token in enumerate(tokens):
+            engine.expect_next(tokens[i + 1] if i + 1 < len(tokens) else None)
+            while True:
+                try:
+                    engine.forward_backward(None, token)
+                    break
+                except OutOfMemory:
+                    ooms += 1
+                    engine.apply_plan(split(6, 2))
+            engine.optimizer_step()
+        logs = engine.rank_log()
+    finally:
+        engine.close()
+    assert ooms == 1 and engine.applied == 3
+    assert logs[1] == [(0, 4), (0, 2), (1, 2), (2, 2)]  # step 1 never ran with step 0 failed
+    assert logs[0] == [(0, 4), (0, 6), (1, 6), (2, 6)]
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_the_allocation_controller_and_the_loops_retry_drive_the_engine(
     group: WorkerGroup,
 ) -> None:
@@ -226,14 +266,13 @@ def test_an_interrupted_wait_still_brings_home_the_last_completed_step(
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def _ahead_loop(engine: DDPEngine, tokens: list[Any], upto: int) -> None:
-    """What the run loop does with a run-ahead engine: tell the next token, step, send
-    the next one with the update."""
-    for i in range(upto):
+def _ahead_loop(engine: DDPEngine, tokens: list[Any], start: int, stop: int) -> None:
+    """What the run loop does with a run-ahead engine: tell the next token (sent ahead
+    with the update), step."""
+    for i in range(start, stop):
         engine.expect_next(tokens[i + 1] if i + 1 < len(tokens) else None)
         engine.forward_backward(None, tokens[i])
         engine.optimizer_step()
-        engine.send_ahead()
 
 
 def test_a_plan_for_a_step_already_sent_ahead_runs_it_again_with_that_plan(
@@ -253,13 +292,9 @@ def test_a_plan_for_a_step_already_sent_ahead_runs_it_again_with_that_plan(
     engine.start()
     try:
         tokens = list(engine.iter_batches(batches, 1))
-        _ahead_loop(engine, tokens, 2)  # step 2 is on its way with the (6, 2) plan
+        _ahead_loop(engine, tokens, 0, 2)  # step 2 is on its way with the (6, 2) plan
         engine.apply_plan(split(3, 5))  # ... and must run with this one
-        for i in range(2, 5):
-            engine.expect_next(tokens[i + 1] if i + 1 < 5 else None)
-            engine.forward_backward(None, tokens[i])
-            engine.optimizer_step()
-            engine.send_ahead()
+        _ahead_loop(engine, tokens, 2, 5)
         logs = engine.rank_log()
     finally:
         engine.close()
@@ -295,13 +330,11 @@ def test_a_step_sent_ahead_is_never_part_of_the_state_that_comes_home(
     engine.start()
     tokens = list(engine.iter_batches(batches, 1))
     try:
-        _ahead_loop(engine, tokens, 2)  # step 2 sent ahead
+        _ahead_loop(engine, tokens, 0, 2)  # step 2 sent ahead
         engine.fetch_state()  # its replies are read and kept; the state is after step 1
         after_two = {k: v.clone() for k, v in model.state_dict().items()}
-        engine.expect_next(tokens[3])
-        engine.forward_backward(None, tokens[2])  # the step sent ahead, used as it is
-        engine.optimizer_step()
-        assert engine.send_ahead()  # step 3 sent ahead; then the run stops
+        _ahead_loop(engine, tokens, 2, 3)  # the step sent ahead, used as it is; step 3 sent
+        assert engine.rank_log()[0][-1] == (3, 4)  # (read: step 3 ran, and was dropped)
     finally:
         engine.close()
 

@@ -294,13 +294,6 @@ class Run:
         (:func:`.attempt.apply_optimizer_step` recovers an out-of-memory where exact)."""
         if getattr(self.engine, "owns_optimizer_step", False):
             self.engine.optimizer_step()  # type: ignore[attr-defined]  # the ranks apply it
-            # they may start the next step at once when one follows right away
-            send_ahead = getattr(self.engine, "send_ahead", None)
-            follows = not (self.control.stopped or self.control.paused) and (
-                self.steps is None or self.step + 1 < self.steps
-            )
-            if send_ahead is not None and follows:
-                send_ahead()
             return
         timed = self.engine.timed_update(update)  # the engine charges it to the primary
         self.oom_recovered += apply_optimizer_step(self.optimizer, on_oom=self._on_oom, step=timed)
@@ -317,6 +310,17 @@ class Run:
         events = self.controller.on_device_failure(err, self._now(), self.step)
         self._decision(events)
         return events
+
+    def _last_step_now(self) -> bool:
+        """No step follows the one about to run (as far as the loop knows now)."""
+        stop = self.control.stopped or self.control.paused
+        return stop or (self.steps is not None and self.step + 1 >= self.steps)
+
+    def _no_step_follows(self) -> None:
+        """Tell an engine that runs the next step ahead (DDP ranks) not to, this time."""
+        expect_next = getattr(self.engine, "expect_next", None)
+        if expect_next is not None:
+            expect_next(None)
 
     def state_home(self) -> None:
         """Bring the training state into the notebook's model and optimizer where the
@@ -471,6 +475,8 @@ class Run:
                 break
             self._own_s += clock() - own0  # data loading below is not our overhead
             group, epoch_end, exhausted = next_group(batches, self.training.accumulate)
+            if group and self._last_step_now():
+                self._no_step_follows()
             if group:
                 outcomes, commit = train_step(self, group, primary)
                 own0 = clock()

@@ -28,16 +28,23 @@ the position rank ``r`` of the new group serves, and plans, measurements and err
 in positions (a lost position gets share 0), so the controller, the dashboard and the
 report keep one device list for the whole run.
 
-**Running ahead.** Plain DDP loops never wait between steps; a kernel that drives the ranks
-in lockstep costs a round trip per step. So when the loop says right after
-:meth:`optimizer_step` that another step follows (:meth:`send_ahead`) and the token stream
-has told the engine the next token (:meth:`expect_next`), the next step's command leaves
-at once, with the update: the ranks
-apply it and start the next forward/backward while the kernel does its bookkeeping, and
-the following :meth:`forward_backward` only reads the replies. Anything that would make
-that step differ — a new plan for it, another token, a command in between — first reads
-its replies and has every rank drop its work (gradients and buffer updates) and run it
-again; a step sent ahead is never applied unless the loop asks for it.
+**Running ahead** (``run_ahead=True``, as the run loop uses it). Plain DDP loops never
+wait between steps; a kernel that drives the ranks in lockstep costs a round trip per step.
+So :meth:`forward_backward` sends, right after step ``n``, step ``n+1`` (the token the
+stream announced with :meth:`expect_next`) together with step ``n``'s update, flagged to
+run only if step ``n`` completes on every rank: after each step the ranks all-reduce one
+number saying whether they all completed it (a rank that ran out of memory did not). The
+ranks then go from one step to the next without waiting for the kernel, which reads step
+``n``'s replies, does its bookkeeping and sends step ``n+2`` when the loop asks for
+``n+1``. The update travels with the hyper-parameters the kernel optimizer has when step
+``n`` is sent (a scheduler steps them after the update, so they are the update's); an
+out-of-memory anywhere makes every rank skip step ``n+1`` and keep step ``n`` unapplied
+for the retry. Anything that would make the step sent ahead differ — a new plan for it,
+another token, a command in between — first reads its replies and has every rank drop its
+work (gradients and buffer updates) and run it again; a state read while it is on its way
+(:meth:`fetch_state`) has the buffers from before it. The loop says when no step follows
+(``expect_next(None)``: the last step, a stop or a pause requested); one requested while a
+step runs costs that step sent ahead, dropped.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class _Ahead:
     sent: float  # perf_counter when it left
     stale: bool = False  # a plan for its step arrived after it: it must run again
     replies: dict[int, tuple[Any, ...]] | None = None  # read early (see fetch_state)
+    hyper: list[dict[str, Any]] | None = None  # the previous step's update, sent with it
 
 
 class DDPEngine(Engine):
@@ -171,6 +179,7 @@ class DDPEngine(Engine):
         self._pending: BatchToken | None = None  # forward/backward done, not yet applied
         self._apply_hyper: list[dict[str, Any]] | None = None  # an update not yet sent
         self._ahead: _Ahead | None = None  # a step sent before the loop asked for it
+        self._update_sent: list[dict[str, Any]] | None = None  # the last update, sent ahead
         self._next_token: BatchToken | None = None  # what the loop will most likely ask next
         self._running = False
         self._closed = False
@@ -277,7 +286,7 @@ class DDPEngine(Engine):
 
     def expect_next(self, token: BatchToken | None) -> None:
         """The token the loop will most likely hand over after the current one (None: no
-        more, or unknown): what :meth:`send_ahead` may send."""
+        more, or unknown): what :meth:`forward_backward` may send ahead."""
         self._next_token = token
 
     def forward_backward(self, step: StepFn | None, batch: Any) -> StepOutcome:
@@ -290,36 +299,65 @@ class DDPEngine(Engine):
         if not self._running:
             raise RuntimeError("DDPEngine.start() (or prepare()) must be called first")
         token = batch
-        ahead = self._ahead
-        if ahead is not None and ahead.token == token and not ahead.stale:
-            t0 = ahead.sent
-            replies = self._ahead_replies(ahead)
-            self._ahead = None
-        else:
+        current = self._ahead
+        if current is not None and (current.token != token or current.stale):
             self._settle_ahead()
-            self._next_step = token.step
-            t0 = time.perf_counter()
-            self._busy = True
-            replies = self._command(self._step_message(token), f"step {token.step}")
-            self._busy = False
-        return self._outcome(token, replies, time.perf_counter() - t0)
-
-    def _step_message(self, token: BatchToken) -> tuple[Any, ...]:
-        """The step command, with the update the loop asked for (one message, one wake-up)."""
-        hyper, self._apply_hyper = self._apply_hyper, None
-        return (ch.STEP, token) if hyper is None else (ch.STEP, token, hyper)
-
-    def _outcome(
-        self, token: BatchToken, replies: dict[int, tuple[Any, ...]], wall: float
-    ) -> StepOutcome:
+            current = None
+        self._ahead = None
+        self._next_step = token.step
+        if current is None:
+            current = _Ahead(token, time.perf_counter())
+            try:
+                self.group.send_all(self._step_message(token))
+            except WorkerLost as exc:
+                self._bring_home_after_failure()
+                raise self._lost(exc) from None
+        follower = self._send_follower(token)  # runs once this step completed everywhere
+        replies = self._ahead_replies(current)
         self._next_step = token.step
         self.last_batch = token.batch
         ooms = [r for r in replies.values() if r[0] == ch.OOM]
         if ooms:
+            if follower is not None:
+                self._ahead_replies(follower)  # SKIPPED on every rank: nothing applied
             self._expect_ok(self._command((ch.DISCARD,), "discarding"), "discarding the step")
             rank, message = ooms[0][1], ooms[0][2]
             position = self.slots[rank]
             raise OutOfMemory(f"rank {position}: {message}", device=position)
+        self._ahead = follower
+        self._update_sent = follower.hyper if follower is not None else None
+        return self._outcome(token, replies, time.perf_counter() - current.sent)
+
+    def _step_message(self, token: BatchToken) -> tuple[Any, ...]:
+        """The step command, with the update the loop asked for (one message, one wake-up);
+        a run-ahead engine's ranks agree afterwards whether they all completed it."""
+        hyper, self._apply_hyper = self._apply_hyper, None
+        if self.run_ahead:
+            return (ch.STEP, token, hyper, ch.AGREE)
+        return (ch.STEP, token) if hyper is None else (ch.STEP, token, hyper)
+
+    def _hyper(self) -> list[dict[str, Any]]:
+        """The kernel optimizer's hyper-parameters now (what an update is applied with)."""
+        return [
+            {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool))}
+            for g in self.optimizer.param_groups
+        ]
+
+    def _send_follower(self, token: BatchToken) -> _Ahead | None:
+        """Send the step after ``token`` now, with ``token``'s update (the hyper-parameters
+        as they are: nothing changes them between a step and its update), to run only if
+        ``token``'s step completes on every rank (see the module doc)."""
+        nxt = self._next_token  # (kept: a retry of ``token`` sends it again)
+        if not self.run_ahead or nxt is None or nxt.step != token.step + 1:
+            return None
+        follower = _Ahead(nxt, time.perf_counter(), hyper=self._hyper())
+        with contextlib.suppress(WorkerLost):  # reading the replies tells who is gone
+            self.group.send_all((ch.STEP, nxt, follower.hyper, ch.AGREE | ch.IF_OK))
+        return follower
+
+    def _outcome(
+        self, token: BatchToken, replies: dict[int, tuple[Any, ...]], wall: float
+    ) -> StepOutcome:
         slot = self.slots
         stats = {slot[int(r[1]["rank"])]: r[1] for r in replies.values()}
         self.last_replies = stats
@@ -347,31 +385,21 @@ class DDPEngine(Engine):
         tells of any failure."""
         if self._pending is None:
             raise RuntimeError("optimizer_step() without a completed forward_backward()")
-        hyper = [
-            {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool))}
-            for g in self.optimizer.param_groups
-        ]
-        self._apply_hyper = hyper  # sent with the next command (one message, one wake-up)
+        hyper = self._hyper()
+        sent, self._update_sent = self._update_sent, None
+        if sent is None:
+            self._apply_hyper = hyper  # sent with the next command (one message, one wake-up)
+        elif sent != hyper:  # the ranks applied it with ``sent`` already
+            raise RuntimeError(
+                "the optimizer's hyper-parameters changed between forward_backward() and "
+                "optimizer_step() of a run-ahead DDPEngine (the update left with the next "
+                "step): change them after optimizer_step(), as schedulers do."
+            )
         # the step *was* taken (on the ranks): a scheduler on the kernel optimizer must not
         # warn that it steps before the optimizer (torch reads this flag)
         setattr(self.optimizer, "_opt_called", True)  # noqa: B010
         self.applied += 1
         self._pending = None
-
-    def send_ahead(self) -> bool:
-        """The loop will ask for another step right after this update: send the next
-        token (:meth:`expect_next`) now, with the update (``run_ahead`` engines only).
-        Whether it was sent."""
-        nxt, self._next_token = self._next_token, None
-        if not (self.run_ahead and self._running and nxt is not None):
-            return False
-        if self._pending is not None or self._ahead is not None or nxt.step != self._next_step:
-            return False
-        message = self._step_message(nxt)
-        self._ahead = _Ahead(nxt, time.perf_counter())
-        with contextlib.suppress(WorkerLost):  # reading the replies tells who is gone
-            self.group.send_all(message)
-        return True
 
     def _flush_apply(self) -> None:
         """Send the optimizer step the loop asked for, before any other command."""
@@ -486,6 +514,7 @@ class DDPEngine(Engine):
         (``prefer`` first: it replied, so it is listening), then end the group. A step it
         computed but was not told to apply is dropped first (its buffer updates)."""
         self._ahead = None
+        self._update_sent = None
         self._busy = False
         order = ([prefer] if prefer is not None else []) + self.group.alive()
         for rank in dict.fromkeys(order):

@@ -39,17 +39,24 @@ class StepFailed(Exception):
 
 
 class _HookState:
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, device: torch.device) -> None:
         self.world_size = world_size
         self.last_handoff: float | None = None
+        self.agree = False  # all-reduce ``flag`` (MIN) after the step's last bucket
+        self.flag = torch.ones((), dtype=torch.int32, device=device)  # 1: this rank completed
+        self.work: Any = None  # that all-reduce, launched
 
 
 def _timed_allreduce(state: _HookState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default all-reduce (sum, then divide by W), stamping when it is handed over."""
+    """DDP's default all-reduce (sum, then divide by W), stamping when it is handed over.
+    With ``state.agree``, the last bucket's all-reduce is followed at once by the ranks'
+    agreement on whether they all completed the step (no separate wait for it)."""
     state.last_handoff = time.perf_counter()
     tensor = bucket.buffer().div_(state.world_size)
     work = dist.all_reduce(tensor, async_op=True)
     assert work is not None
+    if state.agree and bucket.is_last():
+        state.work = dist.all_reduce(state.flag, op=dist.ReduceOp.MIN, async_op=True)
     fut: torch.futures.Future[list[torch.Tensor]] = work.get_future()
     return fut.then(lambda f: f.value()[0])
 
@@ -85,7 +92,7 @@ class RankJob:
         self.ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if device_ids else None
         )
-        self.hook = _HookState(world_size)
+        self.hook = _HookState(world_size, self.device)
         self.ddp.register_comm_hook(self.hook, _timed_allreduce)
         self._ddp_returned = False
         self.ddp.register_forward_hook(lambda *_: self._returned())
@@ -97,6 +104,7 @@ class RankJob:
         self._buffers: list[torch.Tensor] = []  # copies of the buffers, saved each step
         self._buffer_sources: list[torch.Tensor] = []  # the buffers they were copied from
         self._unapplied = False  # a forward/backward ran that no apply or discard followed
+        self.all_ok = True  # every rank completed the last step that was agreed on
         self._process = psutil.Process()
 
     def _returned(self) -> None:
@@ -122,11 +130,15 @@ class RankJob:
         return rank_layout(shares, token.batch, micro, caps)
 
     # -- one step ---------------------------------------------------------------------------
-    def forward_backward(self, token: BatchToken) -> dict[str, Any]:
+    def forward_backward(self, token: BatchToken, agree: bool = False) -> dict[str, Any]:
         """Forward + backward of this rank's slice; gradients left for :meth:`apply`.
         Raises an out-of-memory only after this rank has joined the step's all-reduce
         (with an empty slice) and cleared its gradients; :class:`StepFailed` when it can
-        no longer join."""
+        no longer join. ``agree``: the ranks also learn whether they all completed it
+        (``all_ok``; every rank must be given the same ``agree``)."""
+        self.hook.agree = agree
+        self.hook.flag.fill_(1)
+        self.hook.work = None
         lay = self.layout(token)
         self.optimizer.zero_grad(set_to_none=True)
         self._save_buffers()
@@ -151,9 +163,12 @@ class RankJob:
                     f"({message}): the ranks cannot retry this step together."
                 ) from None
             del exc
+            self.hook.flag.fill_(0)  # the others learn it with the all-reduce it joins
             self._join_empty(token)
+            self._agreement()
             self.discard()
             raise torch.OutOfMemoryError(message) from None
+        self._agreement()
         if mine == 0:
             self._restore_buffers()  # statistics of an empty batch are not statistics
         if self.device.type == "cuda":
@@ -233,6 +248,18 @@ class RankJob:
         with torch.no_grad():
             for buf, saved in zip(self.module.buffers(), self._buffers, strict=True):
                 buf.copy_(saved)
+
+    def _agreement(self) -> None:
+        """``all_ok``: whether every rank completed the step just run (when agreed on)."""
+        hook = self.hook
+        if not hook.agree:
+            return
+        if hook.work is None:  # no gradient bucket was reduced (on any rank): ask now
+            dist.all_reduce(hook.flag, op=dist.ReduceOp.MIN)
+        else:
+            hook.work.wait()
+            hook.work = None
+        self.all_ok = bool(hook.flag.item())
 
     def discard(self) -> None:
         """Forget the step's gradients and buffer updates (the step will be retried, or

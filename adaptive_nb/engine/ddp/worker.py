@@ -63,10 +63,15 @@ def _serve(conn: Connection, rank: int, world_size: int) -> None:
                 job.add_plan(*msg[1:])
             elif kind == ch.STEP:
                 assert job is not None
-                if len(msg) > 2:  # the previous step's update travels with this step
+                flags = msg[3] if len(msg) > 3 else 0
+                if flags & ch.IF_OK and not job.all_ok:
+                    ch.put(conn, (ch.SKIPPED, rank, msg[1].step))
+                    continue
+                if len(msg) > 2 and msg[2] is not None:  # the previous step's update
                     job.apply(msg[2])
                 try:
-                    ch.put(conn, (ch.DONE, job.forward_backward(msg[1])))
+                    done = job.forward_backward(msg[1], agree=bool(flags & ch.AGREE))
+                    ch.put(conn, (ch.DONE, done))
                 except StepFailed as exc:
                     ch.put(conn, (ch.LOST, rank, str(exc)))
                 except Exception as exc:
