@@ -93,3 +93,11 @@ def test_a_variable_that_cannot_travel_is_named_before_anything_starts(
     after = list(ip.user_ns["net"].parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert worker_children() == []
+
+
+def test_max_restarts_reaches_the_run_and_needs_a_checkpoint_directory(
+    ip: InteractiveShell,
+) -> None:
+    with pytest.raises(IPythonUsageError, match=r"needs checkpoint_dir \(--checkpoint DIR\)"):
+        ip.run_cell_magic("adaptive_train", OPTS + " --max-restarts 1", BODY)
+    assert worker_children() == []
