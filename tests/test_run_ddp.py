@@ -73,6 +73,48 @@ def test_train_on_ddp_ranks_equals_a_plain_loop() -> None:
     assert worker_children() == []
 
 
+def test_evaluation_on_ddp_sees_the_ranks_state_of_its_step() -> None:
+    """evaluate= runs in this process on the notebook's model, brought up to date from
+    the ranks first: the metrics equal a plain loop's after the same steps."""
+    data = _data()
+    held_out = _data()[0]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        x, y = held_out
+        with torch.no_grad():
+            return {"val_loss": float(F.cross_entropy(model(x), y))}
+
+    ref = _model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    expected = []
+    for i, (x, y) in enumerate(data, start=1):
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        if i % 2 == 0:
+            expected.append(evaluate(ref)["val_loss"])
+
+    net = _model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    report = adaptive_nb.train(
+        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        model=net,
+        optimizer=opt,
+        data=data,
+        devices="cpu",
+        engine="ddp",
+        workers=2,
+        evaluate=evaluate,
+        eval_every=2,
+        control_interval=0.05,
+    )
+    assert report.summary["ended"] == "completed"
+    assert [e["step"] for e in report.evaluations] == [2, 4, 6]
+    got = [e["metrics"]["val_loss"] for e in report.evaluations]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert worker_children() == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
@@ -83,6 +125,7 @@ def test_train_on_ddp_ranks_equals_a_plain_loop() -> None:
         ({"engine": "ddp", "sync_bn": True}, "sync_bn=True needs one GPU per rank"),
         ({"engine": "ddp", "accumulate": 2}, "accumulate > 1"),
         ({"engine": "ddp", "precision": "bf16"}, "precision other than fp32"),
+        ({"engine": "ddp", "accumulate": 3}, "keep gradients across several batches"),
         (
             {"engine": "ddp", "devices": "sim:benchmarks/scenarios/single_gpu.json"},
             "simulated fleet",

@@ -98,9 +98,10 @@ def check_engine_options(
             "runs on the DataParallel engine: drop --engine ddp."
         )
     refused = {
-        "accumulate > 1 (--accumulate)": accumulate > 1,
-        "precision other than fp32 (--precision)": precision != "fp32",
-        "evaluate= (--eval), which would see the kernel's copy of the model": evaluate is not None,
+        "accumulate > 1 (--accumulate), whose ranks would have to keep gradients across "
+        "several batches of one step (a step carries one batch to the ranks)": accumulate > 1,
+        "precision other than fp32 (--precision), whose autocast and fp16 loss scaling "
+        "would have to run on the ranks (the kernel holds no gradients)": precision != "fp32",
     }
     bad = [name for name, hit in refused.items() if hit]
     if bad:

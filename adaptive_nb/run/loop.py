@@ -502,10 +502,15 @@ class Run:
                         self._observers.call("on_progress", progress_of(self))
                 self._own_s += clock() - own0
             hooks0 = self._now()  # callbacks, evaluation, checkpoints: not step time
+            evaluator = self.training.evaluator
             if group:
+                if evaluator.due_after_step(self.step):
+                    self.state_home()  # the evaluation sees the state of this step
                 with self._callbacks_quiet(self.step <= self.replay_until):
                     after_step(self)
             if epoch_end is not None:
+                if evaluator.due_after_epoch():
+                    self.state_home()
                 with self._callbacks_quiet(epoch_end.epoch <= self.replay_epochs_until):
                     after_epoch(self, epoch_end.epoch)
                 self.epochs_ended = epoch_end.epoch
