@@ -74,3 +74,24 @@ def test_uneven_shares_match_full_batch_and_plans_switch_at_the_named_step(
     assert max_diff(model, reference(6)) < 1e-6
     assert engine.applied == 6
     assert pids_alive(pids, 30.0) == []  # the workers ended with the run
+
+
+def test_elastic_group_below_its_maximum_gives_absent_workers_no_share(
+    cluster: RayConnection,
+) -> None:
+    """``workers="1:3"`` on a Ray with 2 CPUs: Ray Train's elastic policy starts the 2
+    workers it has room for; the third position is excluded in the planner and the run
+    gives the full-batch result."""
+    import adaptive_nb
+
+    model, opt, data = job(4)
+    report = adaptive_nb.train(  # "weights": every available worker gets a share
+        step, model=model, optimizer=opt, data=data, engine="ray", workers="1:3", policy="weights"
+    )
+    summary = report.summary
+    assert summary["ended"] == "completed" and summary["steps"] == 4
+    assert summary["devices_left_out"] == ["ray worker 2"]
+    assert any(
+        "Ray Train workers: 0: cpu on" in e.detail and "2:" not in e.detail for e in report.events
+    )
+    assert max_diff(model, reference(4)) < 1e-6

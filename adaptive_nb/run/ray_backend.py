@@ -190,12 +190,30 @@ class RayEvents:
 
     def __init__(self, engine: RayEngine) -> None:
         self.engine = engine
+        self.absent: set[int] = set()  # positions excluded because their worker is absent
 
     def begin(self, run: Any) -> None:
         def sink(kind: str, detail: str) -> None:  # a restart is told as a notice too
             run._event(EventKind.NOTICE, detail)
 
+        def resized(present: int) -> None:
+            """An elastic group of ``present`` workers: the positions beyond it get a zero
+            share (excluded in the planner), those back in it are included again."""
+            for pos in range(self.engine.world_size):
+                if pos >= present and pos not in self.absent:
+                    self.absent.add(pos)
+                    run._decision(
+                        run.controller.set_device_enabled(pos, False, run._now(), run.step)
+                    )
+                elif pos < present and pos in self.absent:
+                    self.absent.discard(pos)
+                    run._decision(
+                        run.controller.set_device_enabled(pos, True, run._now(), run.step)
+                    )
+
         self.engine.set_event_sink(sink)
+        self.engine.on_resize = resized
+        resized(self.engine.group.current_world)
 
     def restart(self, run: Any, error: DeviceFailure) -> bool:
         return False

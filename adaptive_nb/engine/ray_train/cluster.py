@@ -6,9 +6,10 @@ that, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes every Ray process tak
 authentication on: that is Ray 2.60's default for a new local cluster (``ray.init``
 generates ``~/.ray/auth_token`` when missing); ``RAY_AUTH_MODE=disabled`` in the
 environment would switch it off, so it is refused here rather than obeyed. An existing
-cluster (``ray_address``) is joined with the token Ray finds in the environment
-(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``): authentication is
-never disabled for it either.
+cluster (``ray_address``) is joined in token mode (``RAY_AUTH_MODE=token`` is set when
+unset: Ray turns it on by itself only for a cluster it finds locally) with the token Ray
+finds in the environment (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``): authentication is never disabled for it either.
 
 A Ray the notebook has already connected to (``ray.is_initialized()``) is used as it is
 and left running.
@@ -82,7 +83,11 @@ class RayConnection:
             return
         check_auth_mode(self.address)
         if self.address:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            # Ray enables token mode by itself only for a cluster it finds locally; for an
+            # explicit address it must be asked to (the token: RAY_AUTH_TOKEN,
+            # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(address=self.address, log_to_driver=False)
             return
         with _local_start_env():
             ray.init(

@@ -71,7 +71,7 @@ class RayEngine(Engine):
         clip_grad_norm: float | None = None,
         threads: int | None = None,
         max_failures: int = 3,
-        checkpoint_every_s: float = 60.0,
+        checkpoint_every_s: float = 30.0,
         storage_path: str | None = None,
         num_cpus: int | None = None,
         data_name: str = "data",
@@ -124,6 +124,9 @@ class RayEngine(Engine):
         self.checkpoints = 0
         self.checkpoint_s = 0.0
         self.on_event: EventSink | None = None
+        # told the number of workers of a new group (an elastic resize): the run's hook
+        # gives the positions beyond it a zero share in the planner
+        self.on_resize: Callable[[int], None] | None = None
         self._early_events: list[tuple[str, str]] = []
         self._own_storage: str | None = None
 
@@ -419,6 +422,8 @@ class RayEngine(Engine):
             "reason": restart.reason,
         }
         self.restarts.append(record)
+        if self.on_resize is not None:
+            self.on_resize(restart.world_size)
         self._event(
             "restart",
             f"Ray Train restarted the workers ({restart.reason}): attempt {restart.attempt} "

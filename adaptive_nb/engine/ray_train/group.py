@@ -236,7 +236,8 @@ class RayGroup:
                         device=min(set(want) - set(replies)),
                     )
                 wait = min(wait, left)
-            attempt, got = ray.get(self.hub.take.remote(self.attempt, wait))
+            missing = [r for r in want if r not in replies and not self._pending.get(r)]
+            attempt, got = ray.get(self.hub.take.remote(self.attempt, missing, wait))
             if attempt != self.attempt:
                 self._restarted(peer_gone or f"Ray Train restarted the workers during {what}")
             for r, data in got:

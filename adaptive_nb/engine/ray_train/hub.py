@@ -40,6 +40,7 @@ class Hub:
         self.early: dict[int, tuple[list[int] | None, bytes]] = {}
         self.closed = False
         self.changed = asyncio.Event()
+        self.replied = asyncio.Event()
 
     # -- workers ----------------------------------------------------------------------------
     def join(self, rank: int, world_size: int, info: dict[str, Any]) -> int:
@@ -71,7 +72,15 @@ class Hub:
     def reply(self, attempt: int, rank: int, payload: bytes) -> None:
         if attempt == self.attempt:
             self.replies.put_nowait((rank, payload))
+            self.replied.set()
             self._notify()
+
+    async def reply_and_recv(self, attempt: int, rank: int, payload: bytes | None) -> bytes:
+        """:meth:`reply` (when ``payload`` is not None), then :meth:`recv`: one call per
+        step for a worker."""
+        if payload is not None:
+            self.reply(attempt, rank, payload)
+        return await self.recv(attempt, rank)
 
     # -- kernel -----------------------------------------------------------------------------
     def send(self, attempt: int, seq: int, ranks: list[int] | None, payload: bytes) -> bool:
@@ -87,19 +96,30 @@ class Hub:
             self.next_seq += 1
         return True
 
-    async def take(self, attempt: int, timeout: float) -> tuple[int, list[tuple[int, bytes]]]:
-        """The replies of ``attempt`` waiting now, after waiting up to ``timeout`` s for the
-        first one; with the current attempt number (a new one: the group was restarted)."""
-        if attempt != self.attempt:
-            return self.attempt, []
+    async def take(
+        self, attempt: int, ranks: list[int], timeout: float
+    ) -> tuple[int, list[tuple[int, bytes]]]:
+        """The replies of ``attempt``, once one has come from each of ``ranks`` or after
+        ``timeout`` s (then those there are); with the current attempt number (a new one:
+        the group was restarted). One call per step for the kernel."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         queue = self.replies
         got: list[tuple[int, bytes]] = []
-        try:
-            got.append(await asyncio.wait_for(queue.get(), timeout=timeout))
-        except asyncio.TimeoutError:
+        missing = set(ranks)
+        while attempt == self.attempt:
+            while not queue.empty():
+                rank, data = queue.get_nowait()
+                got.append((rank, data))
+                missing.discard(rank)
+            left = deadline - loop.time()
+            if not missing or left <= 0:
+                break
+            self.replied.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.replied.wait(), timeout=left)
+        if attempt != self.attempt:
             return self.attempt, []
-        while not queue.empty():
-            got.append(queue.get_nowait())
         return self.attempt, got
 
     async def wait_joined(self, after: int, timeout: float) -> tuple[int, int, dict[int, Any]]:
@@ -127,3 +147,4 @@ class Hub:
 
     def _notify(self) -> None:
         self.changed.set()
+        self.replied.set()  # a new attempt or the close wakes a waiting take

@@ -30,23 +30,35 @@ _STATE_FILE = "adaptive_nb_state.pt"
 
 
 class HubConnection:
-    """``recv_bytes``/``send_bytes`` over the hub (what :mod:`..ddp.channel` needs)."""
+    """``recv_bytes``/``send_bytes`` over the hub (what :mod:`..ddp.channel` needs). A
+    reply is held until the next receive and goes with it (one hub call per step);
+    :meth:`flush` sends a held reply on its own."""
 
     def __init__(self, hub: Any, attempt: int, rank: int) -> None:
         self.hub = hub
         self.attempt = attempt
         self.rank = rank
+        self._held: bytes | None = None
 
     def recv_bytes(self) -> bytes:
         import ray
 
-        data: bytes = ray.get(self.hub.recv.remote(self.attempt, self.rank))
+        held, self._held = self._held, None
+        data: bytes = ray.get(self.hub.reply_and_recv.remote(self.attempt, self.rank, held))
         if data == STOP_ALL:
             raise EOFError("the hub is closed")
         return data
 
     def send_bytes(self, data: bytes) -> None:
-        self.hub.reply.remote(self.attempt, self.rank, data)  # ordered per caller
+        self.flush()
+        self._held = data
+
+    def flush(self) -> None:
+        import ray
+
+        held, self._held = self._held, None
+        if held is not None:
+            ray.get(self.hub.reply.remote(self.attempt, self.rank, held))
 
 
 def _device_name(device: Any) -> str:
@@ -78,7 +90,11 @@ def train_loop(config: dict[str, Any]) -> None:
     }
     hub = config["hub"]
     attempt = ray.get(hub.join.remote(rank, world, info))
-    serve(HubConnection(hub, attempt, rank), rank, world, device)
+    conn = HubConnection(hub, attempt, rank)
+    try:
+        serve(conn, rank, world, device)
+    finally:
+        conn.flush()
 
 
 def _load_checkpoint(job: Any) -> int:
