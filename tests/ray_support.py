@@ -111,3 +111,14 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
 
 def raylet_pid_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+
+
+def slow_rank1_step(model: Any, batch: Any) -> torch.Tensor:
+    """``step``, with worker 1 made slower per sample (a slower device of a mixed cluster):
+    3 ms per sample of its slice, on top of the compute."""
+    import torch.distributed as dist
+
+    x, y = batch
+    if dist.is_initialized() and dist.get_rank() == 1:
+        time.sleep(0.003 * len(x))
+    return nn.functional.cross_entropy(model(x), y)

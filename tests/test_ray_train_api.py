@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from ray_support import job, local_ray, max_diff, pids_alive, reference, step
+from ray_support import job, local_ray, max_diff, pids_alive, reference, slow_rank1_step, step
 
 import adaptive_nb
 from adaptive_nb import RunReport
@@ -127,3 +127,24 @@ def test_magic_runs_the_cell_on_ray_workers(cluster: RayConnection) -> None:
     finally:
         for name in ("Net", "smooth_ce", "g", "loader", "net", "opt", "ref", "ref_opt", "xb", "yb"):
             ip.user_ns.pop(name, None)
+
+
+def test_planner_gives_a_slower_worker_a_smaller_share(cluster: RayConnection) -> None:
+    """Heterogeneous workers: worker 1 takes 3 ms more per sample; the planner, fed each
+    worker's measured step times every step, moves samples to worker 0."""
+    model, opt, data = job(40, batch=32)
+    report = adaptive_nb.train(
+        slow_rank1_step,
+        model=model,
+        optimizer=opt,
+        data=data,
+        steps=40,
+        engine="ray",
+        workers=2,
+        policy="weights",
+        control_interval=0.2,
+    )
+    assert report.summary["ended"] == "completed"
+    last = report.timeline[-1].shares
+    assert last["ray worker 0"] > 0.6 > last["ray worker 1"], last
+    assert max_diff(model, reference(40, batch=32)) < 1e-5
