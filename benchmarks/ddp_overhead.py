@@ -8,7 +8,9 @@ at a time. Blocks of ``--steps`` steps alternate (engine, plain, engine, plain, 
   step from this process as the run loop drives it (``expect_next`` the next token of the
   block, ``forward_backward`` on a token, ``optimizer_step``; ``--lockstep``: no run-ahead),
   equal shares; a block ends with one more round trip (``rank_log``) so its last update is
-  counted.
+  counted. Also printed: how long the ranks waited for the kernel's command between two
+  steps (measured in the ranks; a plain loop never waits), which load disturbs less than
+  the wall-time ratio.
 * loop (``--mode loop``): the whole of ``adaptive_nb.start(engine="ddp", workers=W,
   policy="static")`` (the loop's bookkeeping, controller, ticks and callbacks included) on
   the same job; a callback marks the block boundaries, settles the step sent ahead and
@@ -236,6 +238,8 @@ def engine_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Cal
     tokens = list(engine.iter_batches(data, epochs))
     position = 0
 
+    idle: list[float] = []
+
     def block(n: int) -> float:
         nonlocal position
         t0 = time.perf_counter()
@@ -244,11 +248,22 @@ def engine_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Cal
             engine.expect_next(tokens[position + 1] if i + 1 < n else None)
             engine.forward_backward(None, tokens[position])
             engine.optimizer_step()
+            if i > 0:  # a rank's wait for this step's command, after its previous reply
+                idle.extend(float(r["idle_s"]) for r in engine.last_replies.values())
             position += 1
         engine.rank_log()  # one round trip: the block's last update has been applied
         return time.perf_counter() - t0
 
-    return block, engine.close
+    def finish() -> None:
+        engine.close()
+        if idle:
+            print(
+                f"ranks waiting for the kernel between steps: median "
+                f"{statistics.median(idle) * 1e3:.3f} ms, mean {statistics.mean(idle) * 1e3:.3f}"
+                f" ms per step and rank ({len(idle)} steps×ranks)"
+            )
+
+    return block, finish
 
 
 def loop_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Callable[[], None]]:

@@ -305,6 +305,12 @@ class DDPEngine(Engine):
             current = None
         self._ahead = None
         self._next_step = token.step
+        if current is None and not self.run_ahead:  # lockstep: one command, its replies
+            t0 = time.perf_counter()
+            self._busy = True  # stays set if the wait is interrupted (Ctrl-C): see close()
+            replies = self._command(self._step_message(token), f"step {token.step}")
+            self._busy = False
+            return self._completed(token, replies, None, t0)
         if current is None:
             current = _Ahead(token, time.perf_counter())
             try:
@@ -314,6 +320,17 @@ class DDPEngine(Engine):
                 raise self._lost(exc) from None
         follower = self._send_follower(token)  # runs once this step completed everywhere
         replies = self._ahead_replies(current)
+        return self._completed(token, replies, follower, current.sent)
+
+    def _completed(
+        self,
+        token: BatchToken,
+        replies: dict[int, tuple[Any, ...]],
+        follower: _Ahead | None,
+        t0: float,
+    ) -> StepOutcome:
+        """The step's outcome from its replies; an out-of-memory has every rank drop it
+        (and the step sent after it, skipped everywhere) before it is raised."""
         self._next_step = token.step
         self.last_batch = token.batch
         ooms = [r for r in replies.values() if r[0] == ch.OOM]
@@ -324,9 +341,13 @@ class DDPEngine(Engine):
             rank, message = ooms[0][1], ooms[0][2]
             position = self.slots[rank]
             raise OutOfMemory(f"rank {position}: {message}", device=position)
+        odd = [r for r in replies.values() if r[0] != ch.DONE]
+        if odd:  # (a step skipped although the one before it completed: never expected)
+            self._bring_home_after_failure()
+            raise RuntimeError(f"unexpected reply to step {token.step}: {odd[0][:3]!r}")
         self._ahead = follower
         self._update_sent = follower.hyper if follower is not None else None
-        return self._outcome(token, replies, time.perf_counter() - current.sent)
+        return self._outcome(token, replies, time.perf_counter() - t0)
 
     def _step_message(self, token: BatchToken) -> tuple[Any, ...]:
         """The step command, with the update the loop asked for (one message, one wake-up);

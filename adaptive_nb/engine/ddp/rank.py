@@ -14,6 +14,7 @@ process's resident set after each forward (where activations are largest).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -66,6 +67,38 @@ _timed_allreduce.__annotations__["bucket"] = torch._C._distributed_c10d.GradBuck
 _timed_allreduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
+class _ResidentSet:
+    """This process's resident set size: read from an open ``/proc/self/statm`` on Linux
+    (one ``pread``, no file opened per step), else from psutil."""
+
+    def __init__(self) -> None:
+        self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        self._process = psutil.Process()
+
+    def mb(self) -> float:
+        if self._fd is not None:
+            try:
+                return int(os.pread(self._fd, 128, 0).split()[1]) * self._page_mb
+            except (OSError, IndexError, ValueError):
+                self._fd = None
+        return float(self._process.memory_info().rss) / 2**20
+
+
+_RSS: _ResidentSet | None = None
+
+
+def _resident_set() -> _ResidentSet:
+    """One reader per process (a shared group runs several jobs)."""
+    global _RSS
+    if _RSS is None:
+        _RSS = _ResidentSet()
+    return _RSS
+
+
 class RankJob:
     """Everything one rank holds for a job, built from the shipped dict."""
 
@@ -105,7 +138,8 @@ class RankJob:
         self._buffer_sources: list[torch.Tensor] = []  # the buffers they were copied from
         self._unapplied = False  # a forward/backward ran that no apply or discard followed
         self.all_ok = True  # every rank completed the last step that was agreed on
-        self._process = psutil.Process()
+        self._rss = _resident_set()
+        self._layout: tuple[Any, RankLayout] | None = None  # the last one, with its key
 
     def _returned(self) -> None:
         self._ddp_returned = True
@@ -126,8 +160,11 @@ class RankJob:
         chosen = max((p for p in self.plans if p[0] <= token.step), key=lambda p: p[0])
         # steps only move forward: earlier plans are never chosen again
         self.plans = [p for p in self.plans if p[0] >= chosen[0]]
-        _, shares, micro, caps = chosen
-        return rank_layout(shares, token.batch, micro, caps)
+        key = (chosen, token.batch)
+        if self._layout is None or self._layout[0] != key:  # the same plan and batch: reused
+            _, shares, micro, caps = chosen
+            self._layout = (key, rank_layout(shares, token.batch, micro, caps))
+        return self._layout[1]
 
     # -- one step ---------------------------------------------------------------------------
     def forward_backward(self, token: BatchToken, agree: bool = False) -> dict[str, Any]:
@@ -200,7 +237,7 @@ class RankJob:
                 loss = check_loss(self.step_fn(self.ddp, piece))
                 t1 = time.perf_counter()
                 if self.device.type == "cpu":
-                    rss = self._process.memory_info().rss / 2**20
+                    rss = self._rss.mb()
                     stats["peak_mb"] = max(stats["peak_mb"], rss)
                 self.hook.last_handoff = None
                 (loss * loss_weight(n, total, self.world_size)).backward()  # type: ignore[no-untyped-call]

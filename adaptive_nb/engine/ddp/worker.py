@@ -41,11 +41,14 @@ def _serve(conn: Connection, rank: int, world_size: int) -> None:
 
     job: RankJob | None = None
     late: BaseException | None = None  # an error in a command that has no reply
+    idle = 0.0  # seconds spent waiting for a command since the last step's reply
     while True:
+        waited = time.perf_counter()
         try:
             msg = ch.get(conn)
         except (EOFError, OSError):
             return
+        idle += time.perf_counter() - waited
         kind = msg[0]
         try:
             if kind == ch.STOP:
@@ -71,6 +74,7 @@ def _serve(conn: Connection, rank: int, world_size: int) -> None:
                     job.apply(msg[2])
                 try:
                     done = job.forward_backward(msg[1], agree=bool(flags & ch.AGREE))
+                    done["idle_s"], idle = idle, 0.0  # this rank waited for the kernel
                     ch.put(conn, (ch.DONE, done))
                 except StepFailed as exc:
                     ch.put(conn, (ch.LOST, rank, str(exc)))
