@@ -30,9 +30,7 @@ from .worker import train_loop
 __all__ = ["GroupRestarted", "RayGroup"]
 
 # What gloo/nccl say on a worker whose peer died (Ray Train then restarts the group).
-_PEER_GONE = re.compile(
-    r"Connection (reset|closed) by peer|Broken pipe|NCCL.*remote|Gloo|ProcessGroup", re.I
-)
+_PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|NCCL.*remote", re.I)
 
 
 class GroupRestarted(Exception):
@@ -89,6 +87,7 @@ class RayGroup:
         self.fit_result: Any = None
         self._thread: threading.Thread | None = None
         self._seq = 0
+        self._outbox: list[tuple[int, list[int] | None, bytes]] = []
         self._pending: dict[int, deque[tuple[Any, ...]]] = {}
 
     # -- start ------------------------------------------------------------------------------
@@ -164,6 +163,7 @@ class RayGroup:
                 self.infos = {int(r): i for r, i in infos.items()}
                 self._pending = {r: deque() for r in range(world)}
                 self._seq = 0
+                self._outbox = []  # meant for the group that is gone
                 return
             if time.monotonic() > deadline:
                 raise WorkerLost(
@@ -178,9 +178,17 @@ class RayGroup:
 
     # -- talk -------------------------------------------------------------------------------
     def _post(self, ranks: list[int] | None, message: tuple[Any, ...]) -> None:
+        """Queue ``message``: it leaves with the next :meth:`gather` (one hub call for a
+        command and its replies) or :meth:`flush`."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.hub.send.remote(self.attempt, self._seq, ranks, data)
+        self._outbox.append((self._seq, ranks, data))
         self._seq += 1
+
+    def flush(self) -> None:
+        """Send the queued messages now (nothing waits for replies)."""
+        out, self._outbox = self._outbox, []
+        if out and self.hub is not None:
+            self.hub.send_many.remote(self.attempt, out)
 
     def send(self, rank: int, message: tuple[Any, ...]) -> None:
         if rank >= self.current_world:
@@ -237,7 +245,8 @@ class RayGroup:
                     )
                 wait = min(wait, left)
             missing = [r for r in want if r not in replies and not self._pending.get(r)]
-            attempt, got = ray.get(self.hub.take.remote(self.attempt, missing, wait))
+            out, self._outbox = self._outbox, []
+            attempt, got = ray.get(self.hub.take.remote(self.attempt, missing, wait, out))
             if attempt != self.attempt:
                 self._restarted(peer_gone or f"Ray Train restarted the workers during {what}")
             for r, data in got:
@@ -290,6 +299,7 @@ class RayGroup:
             try:
                 import ray
 
+                self.flush()
                 ray.get(self.hub.close.remote(), timeout=10)
             except Exception:
                 pass

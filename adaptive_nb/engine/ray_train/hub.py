@@ -96,12 +96,24 @@ class Hub:
             self.next_seq += 1
         return True
 
+    def send_many(self, attempt: int, messages: list[tuple[int, list[int] | None, bytes]]) -> None:
+        """:meth:`send` of each ``(seq, ranks, payload)``."""
+        for seq, ranks, payload in messages:
+            self.send(attempt, seq, ranks, payload)
+
     async def take(
-        self, attempt: int, ranks: list[int], timeout: float
+        self,
+        attempt: int,
+        ranks: list[int],
+        timeout: float,
+        messages: list[tuple[int, list[int] | None, bytes]] | None = None,
     ) -> tuple[int, list[tuple[int, bytes]]]:
-        """The replies of ``attempt``, once one has come from each of ``ranks`` or after
-        ``timeout`` s (then those there are); with the current attempt number (a new one:
-        the group was restarted). One call per step for the kernel."""
+        """:meth:`send_many` of ``messages`` first, then the replies of ``attempt``, once
+        one has come from each of ``ranks`` or after ``timeout`` s (then those there are);
+        with the current attempt number (a new one: the group was restarted). One call
+        per step for the kernel: the step's command and its replies."""
+        if messages:
+            self.send_many(attempt, messages)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         queue = self.replies
