@@ -55,6 +55,7 @@ def _unchanged(model: torch.nn.Module, before: list[torch.Tensor]) -> bool:
         ({"engine": "ray", "accumulate": 2}, r"does not support accumulate > 1"),
         ({"engine": "ray", "checkpoint_dir": "ckpt"}, "Ray Train checkpoints the workers"),
         ({"engine": "ray", "precision": "bf16"}, "precision other than fp32"),
+        ({"engine": "ray", "devices": "cpu", "gpus_per_worker": 1}, "Ray places the workers"),
         ({"engine": "ray", "max_restarts": 1}, "Ray Train restarts the workers itself"),
     ],
 )

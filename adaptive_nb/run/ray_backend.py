@@ -84,6 +84,7 @@ def check_ray_options(
     *,
     ray_address: str | None,
     gpus_per_worker: float | None,
+    devices: Any = "auto",
     accumulate: int,
     precision: str,
     evaluate: Any,
@@ -140,10 +141,11 @@ def check_ray_options(
             "engine='ray' runs real Ray Train workers; a simulated fleet (devices='sim:…') runs "
             "on the DataParallel engine: drop --engine ray."
         )
-    if spec.kind == "gpu" and ray_address is None:
+    if devices not in (None, "auto") and not (spec.kind == "cpu" and gpus == 0):
         raise UsageError(
-            "engine='ray' places its workers with Ray: choose GPUs with gpus_per_worker "
-            "(--gpus-per-worker 1) and leave devices (--devices) at its default."
+            f"devices={devices!r} (--devices) with engine='ray': Ray places the workers; ask "
+            "for GPUs with gpus_per_worker (--gpus-per-worker 1) and leave devices at its "
+            "default."
         )
     refused = {
         "accumulate > 1 (--accumulate)": accumulate > 1,
