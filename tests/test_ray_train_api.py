@@ -131,7 +131,8 @@ def test_magic_runs_the_cell_on_ray_workers(cluster: RayConnection) -> None:
 
 def test_planner_gives_a_slower_worker_a_smaller_share(cluster: RayConnection) -> None:
     """Heterogeneous workers: worker 1 takes 3 ms more per sample; the planner, fed each
-    worker's measured step times every step, moves samples to worker 0."""
+    worker's measured step times every step, moves samples to worker 0. An evaluation
+    sees the workers' state of its step."""
     model, opt, data = job(40, batch=32)
     report = adaptive_nb.train(
         slow_rank1_step,
@@ -143,8 +144,14 @@ def test_planner_gives_a_slower_worker_a_smaller_share(cluster: RayConnection) -
         workers=2,
         policy="weights",
         control_interval=0.2,
+        evaluate=lambda m: {"w": float(m.body[0].weight.double().sum())},
+        eval_every=20,
     )
     assert report.summary["ended"] == "completed"
     last = report.timeline[-1].shares
     assert last["ray worker 0"] > 0.6 > last["ray worker 1"], last
     assert max_diff(model, reference(40, batch=32)) < 1e-5
+    # the evaluation after step 20 saw the workers' state of step 20
+    at_20 = float(reference(20, batch=32).body[0].weight.double().sum())
+    first = report.evaluations[0]
+    assert first["step"] == 20 and abs(first["metrics"]["w"] - at_20) < 1e-4, first

@@ -87,7 +87,6 @@ def check_ray_options(
     devices: Any = "auto",
     accumulate: int,
     precision: str,
-    evaluate: Any,
     checkpoint_dir: Any,
     resume: Any,
     sync_bn: bool,
@@ -150,7 +149,6 @@ def check_ray_options(
     refused = {
         "accumulate > 1 (--accumulate)": accumulate > 1,
         "precision other than fp32 (--precision)": precision != "fp32",
-        "evaluate= (--eval), which would see the kernel's copy of the model": evaluate is not None,
         "checkpoints (--checkpoint / --resume): Ray Train checkpoints the workers itself": (
             checkpoint_dir is not None or bool(resume)
         ),

@@ -452,10 +452,16 @@ class RayEngine(Engine):
 
     # -- end --------------------------------------------------------------------------------
     def fetch_state(self) -> None:
-        """The workers' state of the last applied step into the notebook's objects."""
-        self._flush_apply()
-        self.group.send(0, (ch.STATE,))
-        reply = self.group.gather([0], what="reading the state")[0]
+        """The workers' state of the last applied step into the notebook's objects (the
+        run loop asks before an evaluation)."""
+        while True:
+            try:
+                self._flush_apply()
+                self.group.send(0, (ch.STATE,))
+                reply = self.group.gather([0], what="reading the state")[0]
+                break
+            except GroupRestarted as restart:
+                self._recover(restart)
         if reply[0] == ch.FAILED:
             raise remote_error(reply)
         self._load(reply[2])
@@ -475,12 +481,7 @@ class RayEngine(Engine):
         self._closed = True
         try:
             if self._running:
-                while True:
-                    try:
-                        self.fetch_state()
-                        break
-                    except GroupRestarted as restart:
-                        self._recover(restart)
+                self.fetch_state()
         finally:
             self._shutdown()
 
