@@ -115,6 +115,44 @@ def test_evaluation_on_ddp_sees_the_ranks_state_of_its_step() -> None:
     assert worker_children() == []
 
 
+def test_a_stop_acts_at_the_step_boundary_although_the_next_step_was_sent_ahead() -> None:
+    """The stop comes from a callback after step 3, when step 4 already left with step 3's
+    update: it runs on the ranks but is never applied; the notebook gets step 3's state."""
+    data = _data()
+    ref = _model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    for x, y in data[:3]:
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+
+    class StopAt3:
+        def on_step_end(self, step: int, loss: float | None, history: Any) -> None:
+            if step == 3:
+                run = adaptive_nb.last_run()
+                assert run is not None
+                assert run.engine._ahead is not None  # type: ignore[attr-defined]  # step 4
+                run.control.stop()
+
+    net = _model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    report = adaptive_nb.train(
+        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        model=net,
+        optimizer=opt,
+        data=data,
+        devices="cpu",
+        engine="ddp",
+        workers=2,
+        callbacks=[StopAt3()],
+        control_interval=0.05,
+    )
+    assert report.summary["ended"] == "stopped" and report.summary["steps"] == 3
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert worker_children() == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
