@@ -259,13 +259,11 @@ class RayEngine(Engine):
         if not self._running:
             raise RuntimeError("RayEngine.start() (or prepare()) must be called first")
         token = batch
-        while True:
+        # a restart by Ray Train (an elastic resize included) shows up in the first hub
+        # call after it: the checkpoint's, or the step's (recovered in _command)
+        while self._checkpoint_due():
             try:
-                if self.group.min_workers != self.group.max_workers:
-                    self.group.poll_restart()  # an elastic resize between steps
-                if self._checkpoint_due():
-                    self.checkpoint()
-                break
+                self.checkpoint()
             except GroupRestarted as restart:
                 self._recover(restart)
         self._next_step = token.step

@@ -262,15 +262,6 @@ class RayGroup:
         self.restarts.append((self.attempt, self.current_world, reason))
         raise GroupRestarted(self.attempt, self.current_world, reason)
 
-    def poll_restart(self) -> None:
-        """:class:`GroupRestarted` if Ray Train has started a new group since the last
-        look (an elastic resize happens between steps, with no failed reply)."""
-        import ray
-
-        attempt, _, _ = ray.get(self.hub.state.remote())
-        if attempt != self.attempt:
-            self._restarted("Ray Train resized the worker group")
-
     def receive_until(self, rank: int, kind: str, timeout: float) -> tuple[Any, ...]:
         deadline = time.monotonic() + timeout
         while True:
