@@ -34,11 +34,13 @@ class KillWorker:
 
     def __init__(self) -> None:
         self.pids: list[int] = []
+        self.run_dir: str | None = None
 
     def on_step_end(self, step: int, loss: Any, history: Any) -> None:
         run = adaptive_nb.active_run()
         assert run is not None
         engine: Any = run.engine
+        self.run_dir = engine.run_dir
         self.pids += [i["pid"] for i in engine.group.infos.values() if i["pid"] not in self.pids]
         if step == 2:
             engine.checkpoint_every_s = 0.0  # a checkpoint before the next step
@@ -82,6 +84,7 @@ def test_killed_worker_run_completes_with_every_step_applied_once(
     assert any("Ray Train workers: 0: cpu" in e.detail for e in report.events)
     assert max_diff(model, reference(9)) < 1e-6  # the notebook's model holds the result
     assert pids_alive(killer.pids, 30.0) == []
+    assert killer.run_dir is not None and not os.path.exists(killer.run_dir)  # removed
 
 
 SETUP = """

@@ -1,9 +1,8 @@
 """The kernel's side of the Ray Train workers: a :class:`RayGroup` starts a
 ``TorchTrainer`` whose ``fit()`` runs on a background thread of the kernel (it blocks
-until training ends), and talks to the workers through the :class:`~.hub.Hub` actor with
-the interface :class:`~adaptive_nb.engine.ddp.DDPEngine` uses for its local ranks
-(``start``, ``send``, ``send_all``, ``gather``, ``receive_until``, ``alive``, ``stop``,
-``kill``...).
+until training ends), and talks to the workers through the :class:`~.hub.Hub` actor in
+the shape of the DDP engine's :class:`~adaptive_nb.engine.ddp.WorkerGroup` (``start``,
+``send``, ``send_all``, ``gather``, ``stop``, ``kill``), with the DDP messages.
 
 A restart of the worker group by Ray Train (a worker died and ``FailureConfig``
 allows another attempt, or an elastic resize) shows up here as a new attempt in the hub:
@@ -81,7 +80,6 @@ class RayGroup:
         self.current_world = 0  # workers in the current attempt
         self.infos: dict[int, dict[str, Any]] = {}
         self.started = False
-        self.procs: list[Any] = []  # DDPEngine reads it only for a dead local rank
         self.restarts: list[tuple[int, int, str]] = []  # (attempt, workers, reason)
         self.fit_error: BaseException | None = None
         self.fit_result: Any = None
@@ -221,7 +219,8 @@ class RayGroup:
                 if r not in replies and self._pending.get(r):
                     reply = self._pending[r].popleft()
                     if reply[0] == ch.FAILED and _PEER_GONE.search(str(reply[3])):
-                        peer_gone = peer_gone or f"worker {r}: {str(reply[3]).splitlines()[0]}"
+                        first = str(reply[3]).splitlines()[0]
+                        peer_gone = peer_gone or f"worker {r} lost a peer: {first[:160]}"
                         continue
                     replies[r] = reply
                     if reply[0] in stop_on:
@@ -261,27 +260,6 @@ class RayGroup:
         self._wait_attempt(self.attempt, self.restart_timeout_s, "restarting the workers")
         self.restarts.append((self.attempt, self.current_world, reason))
         raise GroupRestarted(self.attempt, self.current_world, reason)
-
-    def receive_until(self, rank: int, kind: str, timeout: float) -> tuple[Any, ...]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = max(0.0, deadline - time.monotonic())
-            reply = self.gather(
-                [rank], timeout=left, what=f"a {kind!r} reply", stop_on=frozenset()
-            )[rank]
-            if reply[0] == kind:
-                return reply
-
-    def dead_rank(self, message: str) -> int | None:
-        return None  # Ray Train handles dead workers (see gather)
-
-    def alive(self) -> list[int]:
-        if self._thread is None or not self._thread.is_alive():
-            return []
-        return list(range(self.current_world))
-
-    def log_tail(self, rank: int, lines: int = 15) -> str:
-        return ""
 
     # -- end --------------------------------------------------------------------------------
     def stop(self, timeout: float = 60.0) -> None:
