@@ -80,7 +80,6 @@ class RayGroup:
         self.current_world = 0  # workers in the current attempt
         self.infos: dict[int, dict[str, Any]] = {}
         self.started = False
-        self.restarts: list[tuple[int, int, str]] = []  # (attempt, workers, reason)
         self.fit_error: BaseException | None = None
         self.fit_result: Any = None
         self._thread: threading.Thread | None = None
@@ -258,7 +257,6 @@ class RayGroup:
     def _restarted(self, reason: str) -> None:
         """Wait for the new group, then raise :class:`GroupRestarted`."""
         self._wait_attempt(self.attempt, self.restart_timeout_s, "restarting the workers")
-        self.restarts.append((self.attempt, self.current_world, reason))
         raise GroupRestarted(self.attempt, self.current_world, reason)
 
     # -- end --------------------------------------------------------------------------------

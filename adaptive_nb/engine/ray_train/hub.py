@@ -148,10 +148,6 @@ class Hub:
                 await asyncio.wait_for(self.changed.wait(), timeout=min(left, 1.0))
         return self.attempt, self.world, dict(self.joined)
 
-    def state(self) -> tuple[int, int, int]:
-        """(attempt, world size, ranks joined)."""
-        return self.attempt, self.world, len(self.joined)
-
     def close(self) -> None:
         """Every worker's next :meth:`recv` returns :data:`STOP_ALL`."""
         self.closed = True

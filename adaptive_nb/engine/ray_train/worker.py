@@ -14,7 +14,6 @@ with the step it holds, from which the kernel replays.
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import tempfile
 from typing import Any
@@ -204,7 +203,3 @@ def serve(conn: HubConnection, rank: int, world_size: int, device: Any) -> None:
                 raise RuntimeError(f"unknown command {kind!r}")
         except Exception as exc:
             ch.put(conn, _error_reply(exc, rank))
-
-
-def dumps(message: tuple[Any, ...]) -> bytes:
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
