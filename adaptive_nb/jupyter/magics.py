@@ -54,6 +54,11 @@ def machine_summary() -> str:
         return f"adaptive_nb: CPU only: {os.cpu_count()} cores, {gb:.1f} GB RAM"
 
 
+def _workers(text: str) -> int | str:
+    """``--workers``: a count, or ``MIN:MAX`` (checked with the other options)."""
+    return int(text) if text.strip().isdigit() else text
+
+
 class _StoreReport(BaseObserver):
     """Stores the report in the notebook namespace when a background run ends."""
 
@@ -186,9 +191,29 @@ class AdaptiveMagics(Magics):
         default="dataparallel",
         metavar="E",
         help="dataparallel (default: one process) | ddp (one rank process per GPU, or "
-        "--workers CPU ranks; the cell and the variables it uses are shipped to them)",
+        "--workers CPU ranks; the cell and the variables it uses are shipped to them) | "
+        "ray (Ray Train workers, shipped the same way)",
     )
-    @argument("--workers", type=int, default=None, metavar="N", help="CPU ranks of --engine ddp")
+    @argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N|MIN:MAX",
+        help="CPU ranks of --engine ddp; Ray Train workers of --engine ray (MIN:MAX: elastic)",
+    )
+    @argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="--engine ray: the Ray cluster to use (default: a local Ray started for the run)",
+    )
+    @argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="--engine ray: GPUs per Ray Train worker (default 0: CPU workers)",
+    )
     @argument(
         "--min-chunk",
         type=int,
@@ -200,6 +225,14 @@ class AdaptiveMagics(Magics):
         "--sync-bn",
         action="store_true",
         help="--engine ddp on GPUs: BatchNorm → SyncBatchNorm (statistics of the whole batch)",
+    )
+    @argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--engine ddp with --checkpoint: restart the ranks up to N times after one dies, "
+        "on the remaining devices, from the newest checkpoint (default 0: stop cleanly)",
     )
     @argument(
         "--log",
@@ -314,7 +347,7 @@ class AdaptiveMagics(Magics):
         ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
         loss_name = args.loss
         step: Any
-        if args.engine == "ddp":  # the ranks cannot see this namespace: ship what it uses
+        if args.engine in ("ddp", "ray"):  # the ranks cannot see this namespace: ship it
             step = ship_cell(
                 "\n" + self.shell.transform_cell(cell),  # type: ignore[union-attr]
                 ns,
@@ -357,7 +390,10 @@ class AdaptiveMagics(Magics):
             "log": args.log,
             "engine": args.engine,
             "workers": args.workers,
+            "ray_address": args.ray_address,
+            "gpus_per_worker": args.gpus_per_worker,
             "sync_bn": args.sync_bn,
+            "max_restarts": args.max_restarts,
             "min_chunk": args.min_chunk,
             **extras,
         }

@@ -22,12 +22,13 @@ from . import slot
 from .backend import build_backend
 from .callbacks import check_callbacks
 from .control import RunControl
-from .ddp_backend import build_ddp_run, check_engine_options
+from .ddp_backend import build_ddp_run, check_engine_options, group_restarts
 from .loggers import build_loggers
 from .loop import Run
 from .observers import Observer
 from .plugins import DashboardFactory, dashboard_factory
 from .progress_text import TextProgress
+from .ray_backend import RayEvents, build_ray_run, check_ray_options
 from .report import RunReport
 from .training import Training, check_training_options
 from .validate import check_counts, check_inputs, check_policy, parse_devices
@@ -71,9 +72,12 @@ def _prepare(
     resume: Any = None,
     log: Any = None,
     engine: str = "dataparallel",
-    workers: int | None = None,
+    workers: int | str | None = None,
     sync_bn: bool = False,
     min_chunk: int | None = None,
+    max_restarts: int = 0,
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
 ) -> Run:
     if not callable(step):
         raise UsageError(f"step must be a function step(model, batch) -> loss, got {step!r}.")
@@ -90,16 +94,39 @@ def _prepare(
             f"min_chunk (--min-chunk) must be a whole number ≥ 1, got {min_chunk!r}: it is the "
             "fewest samples a GPU is given (default: 2 when the model has BatchNorm, else 1)."
         )
-    world_size = check_engine_options(
+    ray_options = check_ray_options(
         engine,
         workers,
         spec,
+        ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker,
+        devices=devices,
         accumulate=accumulate,
         precision=precision,
-        evaluate=evaluate,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         sync_bn=sync_bn,
+    )
+    if ray_options is not None and max_restarts:
+        raise UsageError(
+            "max_restarts (--max-restarts) restarts engine='ddp' groups; under engine='ray' "
+            "Ray Train restarts the workers itself (from its own checkpoints): leave it out."
+        )
+    world_size = (
+        ray_options.max_workers
+        if ray_options is not None
+        else check_engine_options(
+            engine,
+            workers,  # type: ignore[arg-type]  # check_engine_options refuses a "MIN:MAX" string
+            spec,
+            accumulate=accumulate,
+            precision=precision,
+            evaluate=evaluate,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            sync_bn=sync_bn,
+            max_restarts=max_restarts,
+        )
     )
     loggers = build_loggers(log)
     if loggers:  # loggers are callbacks too: exact loss, lr and metrics of every step
@@ -129,6 +156,7 @@ def _prepare(
     if busy is not None:  # early, friendly check; the slot is claimed atomically later
         raise UsageError(slot.busy_message(busy))
     run_data: Any = data
+    ray_events: RayEvents | None = None
     if world_size is None:
         backend, controller, snapshots = build_backend(
             spec,
@@ -136,6 +164,19 @@ def _prepare(
             headroom=float(headroom),
             control_interval=control_interval,
             min_chunk=min_chunk,
+        )
+    elif ray_options is not None:
+        backend, controller, snapshots, run_data, ray_events = build_ray_run(
+            step,
+            model=model,
+            optimizer=optimizer,
+            data=data,
+            options=ray_options,
+            policy=policy,
+            headroom=float(headroom),
+            control_interval=control_interval,
+            clip_grad_norm=clip_grad_norm,
+            data_name=(names or {}).get("data", "data"),
         )
     else:
         backend, controller, snapshots, run_data = build_ddp_run(
@@ -176,6 +217,9 @@ def _prepare(
         data_name=(names or {}).get("data", "data"),
         handle_interrupt=handle_interrupt,
         training=Training(options, optimizer, device_type=backend.primary_device().type),
+        restarts=ray_events
+        if ray_events is not None
+        else (None if world_size is None else group_restarts(engine, max_restarts)),
     )
 
 
@@ -212,9 +256,12 @@ def train(
     resume: bool | str | os.PathLike[str] | None = None,
     log: str | Sequence[str] | None = None,
     engine: str = "dataparallel",
-    workers: int | None = None,
+    workers: int | str | None = None,
     sync_bn: bool = False,
     min_chunk: int | None = None,
+    max_restarts: int = 0,
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
 ) -> RunReport:
     """Train ``model`` with ``step(model, batch) -> loss`` over ``data`` and return a report.
 
@@ -300,8 +347,25 @@ def train(
       loss is scaled by ``b_i·W/B`` so the gradient is the full-batch gradient under
       uneven shares. The planner and the report are the same; when the run ends the
       model and optimizer hold the state of the last completed step. Not yet with
-      ``accumulate``, ``precision``, ``evaluate`` or checkpoints (refused up front).
+      ``accumulate`` or ``precision`` (refused up front). ``evaluate`` runs here on the
+      model brought up to date from the ranks. Checkpoints are the ranks' state of a
+      completed step, in the same format as DataParallel's (a run resumes under either
+      engine). A rank that dies stops the run cleanly; with
+      ``checkpoint_dir`` and ``max_restarts=N`` (default 0) the group is restarted up to
+      N times on the remaining devices from the newest checkpoint, and the steps after
+      it run again on the same batches (each applied once in the result; callbacks are
+      not called again for them).
       ``sync_bn=True`` converts BatchNorm to ``SyncBatchNorm`` on the ranks (GPU ranks).
+    - ``engine="ray"``: the same rank code run by Ray Train workers
+      (``ray.train.torch.TorchTrainer``; ``pip install adaptive_nb[ray]``), on a local Ray
+      started for the run (loopback only, token authentication on) or on the cluster at
+      ``ray_address``. ``workers``: ``N`` or ``"MIN:MAX"`` (Ray Train's elastic group;
+      default 2); ``gpus_per_worker``: GPUs Ray gives each worker (default 0: CPU
+      workers, gloo). A worker lost mid-run: Ray Train restarts the group from its latest
+      checkpoint and the steps after it are replayed, each applied once (a notice in the
+      report, ``summary["ray_restarts"]``). ``evaluate`` runs here on the model brought
+      up to date from the workers. Not with ``accumulate``, ``precision``, ``sync_bn``
+      or adaptive_nb checkpoints (refused up front).
     - ``min_chunk``: the fewest samples weighted DataParallel gives a GPU (a smaller share
       gives it none that step); default 2 when the model has BatchNorm (whose statistics
       are per replica, as in plain DataParallel), else 1.
@@ -349,6 +413,9 @@ def train(
         workers=workers,
         sync_bn=sync_bn,
         min_chunk=min_chunk,
+        max_restarts=max_restarts,
+        ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker,
     )
     slot.set_last(run)
     return run.execute()

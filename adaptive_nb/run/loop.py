@@ -455,7 +455,6 @@ class Run:
         next_progress = 0.0
         last_t = self._now()
         clock = time.perf_counter
-        primary = self.engine.primary_device()
         while True:
             own0 = clock()
             if self.control.paused and not self.control.stopped:
@@ -478,7 +477,8 @@ class Run:
             if group and self._last_step_now():
                 self._no_step_follows()
             if group:
-                outcomes, commit = train_step(self, group, primary)
+                # read per step: a plan may move the primary between steps
+                outcomes, commit = train_step(self, group, self.engine.primary_device())
                 own0 = clock()
                 samples = sum(o.samples for o in outcomes)
                 self._last_loss = self.training.report_loss([o.loss for o in outcomes])
