@@ -67,6 +67,7 @@ from .data import BatchToken, describe_data, iter_tokens
 from .errors import DDPStartError, WorkerLost, remote_error
 from .launcher import WorkerGroup
 from .payload import dumps_job
+from .replies import step_outcome
 from .validate import check_job
 
 __all__ = ["DDPEngine"]
@@ -384,21 +385,7 @@ class DDPEngine(Engine):
         self.last_replies = stats
         self._pending = token
         self._next_step = token.step + 1
-        total = token.batch
-        loss = sum(s["loss_sum"] for s in stats.values()) / total if total else 0.0
-        return StepOutcome(
-            loss=torch.tensor(loss),
-            samples=total,
-            wall_s=wall,
-            device_time_s={p: s["forward_s"] + s["backward_s"] for p, s in stats.items()},
-            device_batch={p: s["batch"] for p, s in stats.items() if s["batch"] > 0},
-            peak_mem_mb={p: s["peak_mb"] for p, s in stats.items()},
-            micro_batches=max(s["pieces"] for s in stats.values()),
-            device_phase_s={
-                p: {"forward": s["forward_s"], "backward": s["backward_s"]}
-                for p, s in stats.items()
-            },
-        )
+        return step_outcome(stats, token.batch, wall)
 
     def optimizer_step(self) -> None:
         """Apply the step on every rank, with the kernel optimizer's hyper-parameters as

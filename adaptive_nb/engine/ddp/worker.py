@@ -15,11 +15,15 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from multiprocessing.connection import Client, Connection
-from typing import Any
+from multiprocessing.connection import Client
+from typing import TYPE_CHECKING, Any
 
 from . import channel as ch
+
+if TYPE_CHECKING:
+    from .rank import RankJob
 
 
 def _watch_parent(parent: int) -> None:
@@ -34,11 +38,35 @@ def _error_reply(exc: BaseException, rank: int) -> tuple[Any, ...]:
     return (ch.FAILED, rank, type(exc).__name__, str(exc), text, ch.try_pickle(exc))
 
 
-def _serve(conn: Connection, rank: int, world_size: int) -> None:
+LoadJob = Callable[[bytes], "tuple[RankJob, tuple[Any, ...]]"]
+"""Builds the rank's job from the shipped bytes; returns it and what the ``OK`` reply
+carries after ``(OK, rank)``."""
+Extra = Callable[["RankJob"], "tuple[Any, ...]"]
+"""A command of another front (e.g. Ray Train's checkpoint): runs on the job, returns the
+reply."""
+
+
+def serve(
+    conn: Any,
+    rank: int,
+    world_size: int,
+    *,
+    load_job: LoadJob | None = None,
+    extra: Mapping[str, Extra] | None = None,
+) -> None:
+    """The rank's command loop, in order, until ``STOP`` or the peer goes away. ``conn``:
+    anything with ``recv_bytes``/``send_bytes`` (a socket connection here, Ray's hub in
+    :mod:`adaptive_nb.engine.ray_train.worker`). ``load_job``: how ``JOB`` builds the
+    job (default: unpickle it); ``extra``: commands beyond :mod:`.channel`'s, answered."""
     import cloudpickle
 
     from .rank import RankJob, StepFailed, is_oom
 
+    def default_load(payload: bytes) -> tuple[RankJob, tuple[Any, ...]]:
+        return RankJob(cloudpickle.loads(payload), rank, world_size), ()
+
+    load = load_job or default_load
+    handlers = dict(extra or {})
     job: RankJob | None = None
     late: BaseException | None = None  # an error in a command that has no reply
     idle = 0.0  # seconds spent waiting for a command since the last step's reply
@@ -54,13 +82,13 @@ def _serve(conn: Connection, rank: int, world_size: int) -> None:
             if kind == ch.STOP:
                 ch.put(conn, (ch.OK, rank))
                 return
-            if late is not None and kind in ch.REPLIED:
+            if late is not None and (kind in ch.REPLIED or kind in handlers):
                 err, late = late, None
                 raise err
             if kind == ch.JOB:
                 job = None
-                job = RankJob(cloudpickle.loads(msg[1]), rank, world_size)
-                ch.put(conn, (ch.OK, rank))
+                job, told = load(msg[1])
+                ch.put(conn, (ch.OK, rank, *told))
             elif kind == ch.PLAN:
                 assert job is not None
                 job.add_plan(*msg[1:])
@@ -99,11 +127,13 @@ def _serve(conn: Connection, rank: int, world_size: int) -> None:
                 ch.put(conn, (ch.LOG, rank, list(job.history) if job is not None else []))
             elif kind == ch.GRADS:
                 assert job is not None
-                conn_grads = job.gradients()
-                ch.put(conn, (ch.GRADS, rank, conn_grads))
+                ch.put(conn, (ch.GRADS, rank, job.gradients()))
             elif kind == ch.END:
                 job = None
                 ch.put(conn, (ch.OK, rank))
+            elif kind in handlers:
+                assert job is not None
+                ch.put(conn, handlers[kind](job))
             else:
                 raise RuntimeError(f"unknown command {kind!r}")
         except Exception as exc:
@@ -141,7 +171,7 @@ def main() -> int:
         ch.put(conn, _error_reply(exc, rank))
         return 1
     try:
-        _serve(conn, rank, world_size)
+        serve(conn, rank, world_size)
     finally:
         conn.close()
     return 0

@@ -48,6 +48,7 @@ from ..base import Engine
 from ..ddp import channel as ch
 from ..ddp.data import BatchToken, describe_data, iter_tokens
 from ..ddp.errors import DDPStartError, WorkerLost, remote_error
+from ..ddp.replies import step_outcome
 from ..ddp.validate import check_job
 from .cluster import RayConnection
 from .group import GroupRestarted, RayGroup
@@ -280,21 +281,7 @@ class RayEngine(Engine):
         self.last_replies = stats
         self._pending = token
         self._next_step = token.step + 1
-        total = token.batch
-        loss = sum(s["loss_sum"] for s in stats.values()) / total if total else 0.0
-        return StepOutcome(
-            loss=torch.tensor(loss),
-            samples=total,
-            wall_s=wall,
-            device_time_s={r: s["forward_s"] + s["backward_s"] for r, s in stats.items()},
-            device_batch={r: s["batch"] for r, s in stats.items() if s["batch"] > 0},
-            peak_mem_mb={r: s["peak_mb"] for r, s in stats.items()},
-            micro_batches=max(s["pieces"] for s in stats.values()),
-            device_phase_s={
-                r: {"forward": s["forward_s"], "backward": s["backward_s"]}
-                for r, s in stats.items()
-            },
-        )
+        return step_outcome(stats, token.batch, wall)
 
     def optimizer_step(self) -> None:
         """Apply the step on every worker with the kernel optimizer's hyper-parameters as

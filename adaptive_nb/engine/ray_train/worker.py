@@ -19,7 +19,7 @@ import tempfile
 from typing import Any
 
 from ..ddp import channel as ch
-from ..ddp.worker import _error_reply
+from ..ddp.worker import serve as serve_commands
 from .hub import STOP_ALL
 
 __all__ = ["CKPT", "HubConnection", "train_loop"]
@@ -127,79 +127,25 @@ def _report_checkpoint(job: Any, rank: int) -> None:
 
 
 def serve(conn: HubConnection, rank: int, world_size: int, device: Any) -> None:
-    """The DDP rank's command loop (:func:`adaptive_nb.engine.ddp.worker._serve`), with
+    """The DDP rank's command loop (:func:`adaptive_nb.engine.ddp.worker.serve`), with
     the job placed on this worker's device, loaded from Ray's checkpoint after a
     restart, and the ``CKPT`` command."""
     import cloudpickle
 
-    from ..ddp.rank import RankJob, StepFailed, is_oom
+    from ..ddp.rank import RankJob
 
-    job: RankJob | None = None
-    late: BaseException | None = None
-    while True:
-        try:
-            msg = ch.get(conn)
-        except (EOFError, OSError):
-            return
-        kind = msg[0]
-        try:
-            if kind == ch.STOP:
-                ch.put(conn, (ch.OK, rank))
-                return
-            if late is not None and (kind in ch.REPLIED or kind == CKPT):
-                err, late = late, None
-                raise err
-            if kind == ch.JOB:
-                job = None
-                shipped = cloudpickle.loads(msg[1])
-                if device.type == "cuda":  # each rank reads its own entry
-                    shipped["device_ids"] = [device.index] * world_size
-                else:
-                    shipped["device_ids"] = None
-                    shipped["sync_bn"] = False
-                job = RankJob(shipped, rank, world_size)
-                ch.put(conn, (ch.OK, rank, _load_checkpoint(job)))
-            elif kind == ch.PLAN:
-                assert job is not None
-                job.add_plan(*msg[1:])
-            elif kind == ch.STEP:
-                assert job is not None
-                if len(msg) > 2:
-                    job.apply(msg[2])
-                try:
-                    ch.put(conn, (ch.DONE, job.forward_backward(msg[1])))
-                except StepFailed as exc:
-                    ch.put(conn, (ch.LOST, rank, str(exc)))
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    ch.put(conn, (ch.OOM, rank, str(exc)))
-            elif kind == ch.APPLY:
-                assert job is not None
-                try:
-                    job.apply(msg[1])
-                except Exception as exc:
-                    late = exc
-            elif kind == CKPT:
-                assert job is not None
-                _report_checkpoint(job, rank)
-                ch.put(conn, (ch.OK, rank, job.applied))
-            elif kind == ch.DISCARD:
-                assert job is not None
-                job.discard()
-                ch.put(conn, (ch.OK, rank))
-            elif kind == ch.STATE:
-                assert job is not None
-                ch.put(conn, (ch.STATE, rank, job.state()))
-            elif kind == ch.LOG:
-                ch.put(conn, (ch.LOG, rank, list(job.history) if job is not None else []))
-            elif kind == ch.GRADS:
-                assert job is not None
-                ch.put(conn, (ch.GRADS, rank, job.gradients()))
-            elif kind == ch.END:
-                job = None
-                ch.put(conn, (ch.OK, rank))
-            else:
-                raise RuntimeError(f"unknown command {kind!r}")
-        except Exception as exc:
-            ch.put(conn, _error_reply(exc, rank))
+    def load_job(payload: bytes) -> tuple[RankJob, tuple[Any, ...]]:
+        shipped = cloudpickle.loads(payload)
+        if device.type == "cuda":  # each rank reads its own entry
+            shipped["device_ids"] = [device.index] * world_size
+        else:
+            shipped["device_ids"] = None
+            shipped["sync_bn"] = False
+        job = RankJob(shipped, rank, world_size)
+        return job, (_load_checkpoint(job),)
+
+    def checkpoint(job: RankJob) -> tuple[Any, ...]:
+        _report_checkpoint(job, rank)
+        return (ch.OK, rank, job.applied)
+
+    serve_commands(conn, rank, world_size, load_job=load_job, extra={CKPT: checkpoint})
