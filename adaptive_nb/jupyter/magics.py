@@ -353,6 +353,7 @@ class AdaptiveMagics(Magics):
                 ns,
                 loss_name=loss_name,
                 skip={args.model, args.optimizer, args.data},
+                engine=args.engine,
             )
         else:
             step = CellStep(code, ns, loss_name=loss_name, raw=model, raw_name=args.model)

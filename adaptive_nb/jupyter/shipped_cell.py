@@ -1,5 +1,5 @@
 """The ``%%adaptive_train`` cell body as a step function that travels to the rank
-processes of ``--engine ddp``.
+processes of ``--engine ddp`` and the Ray Train workers of ``--engine ray``.
 
 The ranks are fresh Python processes: they cannot see the notebook's namespace. So the
 body ships as its source plus the notebook variables it references (found from its
@@ -66,7 +66,12 @@ class ShippedCellStep:
 
 
 def ship_cell(
-    source: str, user_ns: Mapping[str, Any], *, loss_name: str, skip: set[str]
+    source: str,
+    user_ns: Mapping[str, Any],
+    *,
+    loss_name: str,
+    skip: set[str],
+    engine: str = "ddp",
 ) -> ShippedCellStep:
     """The cell as a :class:`ShippedCellStep`; UsageError naming a variable it references
     that cannot travel. ``skip``: names the run provides itself (``model``, ``batch``) or
@@ -79,7 +84,7 @@ def ship_cell(
             cloudpickle.dumps(value)
         except Exception as exc:
             raise UsageError(
-                f"--engine ddp ships the variables the cell uses to the rank processes, and "
+                f"--engine {engine} ships the variables the cell uses to its worker processes, and "
                 f"`{name}` ({type(value).__name__}) cannot be sent ({exc}). Create it inside "
                 "the cell, or keep it out of the cell (e.g. pass a path instead of an open "
                 "file)."
