@@ -106,12 +106,8 @@ def _prepare(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         sync_bn=sync_bn,
+        max_restarts=max_restarts,
     )
-    if ray_options is not None and max_restarts:
-        raise UsageError(
-            "max_restarts (--max-restarts) restarts engine='ddp' groups; under engine='ray' "
-            "Ray Train restarts the workers itself (from its own checkpoints): leave it out."
-        )
     world_size = (
         ray_options.max_workers
         if ray_options is not None

@@ -119,15 +119,23 @@ def check_engine_options(
     return workers or 2
 
 
+class TokenSource(Protocol):
+    """An engine whose ranks load the data themselves (DDP ranks, Ray Train workers)."""
+
+    def iter_batches(self, data: Any, epochs: int | None = 1) -> Iterator[BatchToken]: ...
+
+    def expect_next(self, token: BatchToken | None) -> None: ...
+
+
 class TokenEpochs:
-    """The run's ``data`` under DDP: each pass yields one epoch of tokens (no sample is
+    """The run's ``data`` under DDP and Ray: each pass yields one epoch of tokens (no sample is
     loaded in the kernel), numbered on from the previous epoch's. Before yielding a token
     it reads the next one of the same epoch and tells the engine (``expect_next``), which
     may send it ahead; a pass never reads into the next epoch (whose start draws from the
     RNG a checkpoint records). A DataLoader's generators show through (``generator``,
     ``sampler``, ``batch_sampler``) for the checkpoints."""
 
-    def __init__(self, engine: DDPEngine, data: Any) -> None:
+    def __init__(self, engine: TokenSource, data: Any) -> None:
         self.engine = engine
         self.data = data
         self._next = 0

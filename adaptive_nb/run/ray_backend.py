@@ -11,13 +11,10 @@ the kernel does not hold, and adaptive_nb's own checkpoints, are refused up fron
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.ddp import BatchToken
 from ..engine.ray_train import RayEngine, check_auth_mode
 from ..errors import DeviceFailure, UsageError
 from ..events import EventKind
@@ -25,12 +22,12 @@ from ..monitor.snapshot import SnapshotSource
 from ..plan.allocation import AllocationController
 from ..step import StepFn
 from .backend import _default_monitor as default_monitor
+from .ddp_backend import TokenEpochs
 from .validate import DeviceSpec
 
 __all__ = [
     "RayEvents",
     "RayOptions",
-    "RayTokens",
     "build_ray_run",
     "check_ray_options",
     "parse_workers",
@@ -90,6 +87,7 @@ def check_ray_options(
     checkpoint_dir: Any,
     resume: Any,
     sync_bn: bool,
+    max_restarts: int = 0,
 ) -> RayOptions | None:
     """The options of ``engine="ray"`` (None for another engine, after checking that no
     Ray-only option was given); UsageError for anything the engine cannot honour."""
@@ -154,6 +152,11 @@ def check_ray_options(
         ),
         "sync_bn (--sync-bn)": bool(sync_bn),
     }
+    if max_restarts:
+        raise UsageError(
+            "max_restarts (--max-restarts) restarts engine='ddp' groups; under engine='ray' "
+            "Ray Train restarts the workers itself (from its own checkpoints): leave it out."
+        )
     bad = [name for name, hit in refused.items() if hit]
     if bad:
         raise UsageError(
@@ -162,24 +165,6 @@ def check_ray_options(
         )
     check_auth_mode(ray_address)
     return RayOptions(pair[0], pair[1], gpus, ray_address.strip() if ray_address else None)
-
-
-class RayTokens:
-    """The run's ``data`` under Ray: each pass yields one epoch of tokens, numbered on
-    from the previous epoch's (no sample is loaded in the kernel)."""
-
-    def __init__(self, engine: RayEngine, data: Any) -> None:
-        self.engine = engine
-        self.data = data
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self) -> Iterator[BatchToken]:
-        for token in self.engine.iter_batches(self.data, epochs=1):
-            yield dataclasses.replace(token, step=self._next)
-            self._next += 1
 
 
 class RayEvents:
@@ -240,7 +225,7 @@ def build_ray_run(
     control_interval: float,
     clip_grad_norm: float | None,
     data_name: str,
-) -> tuple[RayEngine, AllocationController, SnapshotSource | None, RayTokens, RayEvents]:
+) -> tuple[RayEngine, AllocationController, SnapshotSource | None, TokenEpochs, RayEvents]:
     """Engine (not started: ``prepare`` connects to Ray and starts the workers),
     controller, snapshot source, the token stream the loop iterates and the report hook."""
     engine = RayEngine(
@@ -263,4 +248,4 @@ def build_ray_run(
         control_interval=control_interval,
         snapshots=monitor,
     )
-    return engine, controller, monitor, RayTokens(engine, data), RayEvents(engine)
+    return engine, controller, monitor, TokenEpochs(engine, data), RayEvents(engine)

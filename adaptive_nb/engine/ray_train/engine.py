@@ -251,6 +251,9 @@ class RayEngine(Engine):
     def iter_batches(self, data: Any, epochs: int | None = 1) -> Iterator[BatchToken]:
         return iter_tokens(data, epochs, self.data_name)
 
+    def expect_next(self, token: BatchToken | None) -> None:
+        """The workers run in lockstep (no step is sent ahead): nothing to do."""
+
     def forward_backward(self, step: StepFn | None, batch: Any) -> StepOutcome:
         """One step on every worker (``step`` is ignored: the workers run the shipped
         one; ``batch`` is a :class:`BatchToken`). A restart of the group by Ray Train on
