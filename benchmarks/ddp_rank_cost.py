@@ -4,8 +4,8 @@ then :meth:`~adaptive_nb.engine.ddp.rank.RankJob.apply`) against the textbook st
 (``zero_grad``, forward, ``backward``, ``optimizer.step``) on the same model and batches,
 in this one process (a gloo group of size 1, 1 torch thread), alternating blocks.
 
-It isolates the rank's bookkeeping (plan layout, slicing, timing hook, loss sum, memory
-reading, the ranks' agreement of the run-ahead mode) from the kernel↔rank messages and
+It isolates the rank's bookkeeping (plan layout, slicing, gradient stamps, loss sum,
+memory reading, the completion term reduced with the gradients) from the kernel↔rank messages and
 from the other rank, so load from elsewhere disturbs it less than ``ddp_overhead.py``.
 
     .venv/bin/python benchmarks/ddp_rank_cost.py --batch 8 --hidden 16
@@ -63,11 +63,11 @@ def main() -> None:
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
     at = 0
 
-    def rank_block(n: int, agree: bool) -> float:
+    def rank_block(n: int) -> float:
         nonlocal at
         t0 = time.perf_counter()
         for _ in range(n):
-            rank.forward_backward(tokens[at % len(tokens)], agree=agree)
+            rank.forward_backward(tokens[at % len(tokens)])
             rank.apply(hyper)
             at += 1
         return (time.perf_counter() - t0) / n
@@ -81,28 +81,25 @@ def main() -> None:
             plain_opt.step()
         return (time.perf_counter() - t0) / n
 
-    rank_block(30, True)
+    rank_block(30)
     plain_block(30)
     if args.profile:
         import cProfile
         import pstats
 
         profile = cProfile.Profile()
-        profile.runcall(rank_block, args.steps, True)
+        profile.runcall(rank_block, args.steps)
         pstats.Stats(profile).sort_stats("cumtime").print_stats(25)
         return
-    lock, ahead, plain = [], [], []
+    ranked, plain = [], []
     for _ in range(args.rounds):
-        lock.append(rank_block(args.steps, False))
-        ahead.append(rank_block(args.steps, True))
+        ranked.append(rank_block(args.steps))
         plain.append(plain_block(args.steps))
     med = statistics.median
     print(
         f"per step (median of {args.rounds} rounds of {args.steps}; batch {args.batch}, hidden "
-        f"{args.hidden}): rank {med(lock) * 1e3:.3f} ms, rank with agreement "
-        f"{med(ahead) * 1e3:.3f} ms, plain {med(plain) * 1e3:.3f} ms; rank's own cost "
-        f"{(med(lock) - med(plain)) * 1e3:.3f} ms (+{(med(ahead) - med(lock)) * 1e3:.3f} ms "
-        "agreement)"
+        f"{args.hidden}): rank {med(ranked) * 1e3:.3f} ms, plain {med(plain) * 1e3:.3f} ms; "
+        f"rank's own cost {(med(ranked) - med(plain)) * 1e3:.3f} ms"
     )
     dist.destroy_process_group()
 

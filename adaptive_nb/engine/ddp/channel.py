@@ -4,18 +4,19 @@
 Kernel → rank, in order on every rank (so a plan, a pause or a stop takes effect at the
 same step boundary everywhere): ``JOB`` (cloudpickled job), ``PLAN`` (from-step, shares,
 micro-batches, caps), ``STEP`` (a :class:`~.data.BatchToken`; optionally the previous
-step's update and :data:`AGREE` / :data:`IF_OK` flags), ``APPLY`` (optimizer step, no
+step's update and the :data:`IF_OK` flag), ``APPLY`` (optimizer step, no
 reply), ``DISCARD``, ``STATE``, ``LOG``, ``GRADS`` (the step's gradients), ``END`` (drop
 the job), ``STOP`` (exit).
 Rank → kernel: ``HELLO``, ``OK``, ``DONE`` (step measurements), ``OOM``, ``LOST`` (cannot
 continue in step), ``SKIPPED`` (an ``IF_OK`` step not run), ``FAILED`` (an error: type
 name, message, traceback text, the pickled exception when it pickles), ``STATE``, ``LOG``.
 
-A step sent ahead (``STEP, token, update, AGREE | IF_OK``) is the pipeline of the run-ahead
-engine: after each ``AGREE`` step the ranks all-reduce whether every one of them completed
-it (an out-of-memory rank did not); an ``IF_OK`` step applies the update and runs only if
-they all did, else every rank answers ``SKIPPED`` and keeps its gradients for the kernel's
-``DISCARD``. So the ranks never apply a step that one of them could not compute.
+A step sent ahead (``STEP, token, update, IF_OK``) is the pipeline of the run-ahead engine:
+with each step's gradients the ranks all-reduce whether every one of them completed it
+(an out-of-memory rank did not; see :mod:`.rank`); an ``IF_OK`` step applies the update
+and runs only if they all did, else every rank answers ``SKIPPED`` and keeps its gradients
+for the kernel's ``DISCARD``. So the ranks never apply a step that one of them could not
+compute.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ LOST = "lost"
 SKIPPED = "skipped"
 FAILED = "failed"
 
-AGREE = 1  # STEP flag: all-reduce afterwards whether every rank completed the step
 IF_OK = 2  # STEP flag: apply the update and run only if the previous step completed everywhere
 
 REPLIED = frozenset({JOB, STEP, DISCARD, STATE, LOG, GRADS, END})

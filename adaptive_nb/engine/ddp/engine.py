@@ -351,11 +351,8 @@ class DDPEngine(Engine):
         return self._outcome(token, replies, time.perf_counter() - t0)
 
     def _step_message(self, token: BatchToken) -> tuple[Any, ...]:
-        """The step command, with the update the loop asked for (one message, one wake-up);
-        a run-ahead engine's ranks agree afterwards whether they all completed it."""
+        """The step command, with the update the loop asked for (one message, one wake-up)."""
         hyper, self._apply_hyper = self._apply_hyper, None
-        if self.run_ahead:
-            return (ch.STEP, token, hyper, ch.AGREE)
         return (ch.STEP, token) if hyper is None else (ch.STEP, token, hyper)
 
     def _hyper(self) -> list[dict[str, Any]]:
@@ -374,7 +371,7 @@ class DDPEngine(Engine):
             return None
         follower = _Ahead(nxt, time.perf_counter(), hyper=self._hyper())
         with contextlib.suppress(WorkerLost):  # reading the replies tells who is gone
-            self.group.send_all((ch.STEP, nxt, follower.hyper, ch.AGREE | ch.IF_OK))
+            self.group.send_all((ch.STEP, nxt, follower.hyper, ch.IF_OK))
         return follower
 
     def _outcome(

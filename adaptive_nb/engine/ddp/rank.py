@@ -4,11 +4,13 @@ backward on the rank's own slice, measured.
 
 Measurement method (what the kernel reads as the rank's compute time): ``forward_s`` is
 from the start of each piece to the step function's return (the loss); ``backward_s``
-from ``backward()`` to the moment the *last* gradient bucket is handed to the all-reduce
-(a DDP communication hook stamps it: every gradient has been computed then); the rest of
-``backward()`` is ``wait_s``, time spent waiting for the all-reduce, which is not
-compute. Peak memory: CUDA's peak allocated bytes over the step, or on the CPU the
-process's resident set after each forward (where activations are largest).
+from ``backward()`` to the moment the *last* gradient is accumulated (a post-accumulate
+hook on every parameter stamps the time: DDP hands that gradient's bucket to its
+all-reduce then, and every gradient has been computed); the rest of ``backward()`` is
+``wait_s``, time spent waiting for the all-reduce, which is not compute. The all-reduce
+itself is DDP's own (no Python communication hook: it costs the rank CPU every bucket).
+Peak memory: CUDA's peak allocated bytes over the step, or on the CPU the process's
+resident set after each forward (where activations are largest).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from typing import Any
 
 import psutil
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,32 +40,85 @@ class StepFailed(Exception):
     synchronised backward had begun): the group must be restarted."""
 
 
-class _HookState:
-    def __init__(self, world_size: int, device: torch.device) -> None:
+class _WithCompletion(nn.Module):
+    """The user's module and one scalar parameter, ``completed``, for DDP to reduce with
+    the gradients (see :class:`_Agreement`). Only DDP's construction sees this module:
+    afterwards DDP runs the user's module again (``model.module`` is theirs)."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner = module
+        self.completed = nn.Parameter(torch.zeros((), device=device))
+
+
+class _Agreement:
+    """Whether every rank completed a step, with no collective of its own: each rank adds
+    ``completed × c`` to its synchronised backward (c = 1, or 0 on a rank that ran out of
+    memory and joins with an empty slice), so DDP's all-reduce leaves ``completed.grad`` =
+    the mean of the ranks' c, which is 1 only if every rank completed the step. (A
+    separate all-reduce after backward cost the ranks more CPU than the step's own
+    bookkeeping.) The answer is read when asked for (on a GPU that read synchronises)."""
+
+    def __init__(self, completed: nn.Parameter, world_size: int) -> None:
+        self.completed = completed
         self.world_size = world_size
-        self.last_handoff: float | None = None
-        self.agree = False  # all-reduce ``flag`` (MIN) after the step's last bucket
-        self.flag = torch.ones((), dtype=torch.int32, device=device)  # 1: this rank completed
-        self.work: Any = None  # that all-reduce, launched
+        self._answer: torch.Tensor | None = None
+        self._ok = True
+
+    def term(self, done: bool) -> torch.Tensor:
+        """What a rank adds to the loss of its synchronised backward (its value is 0)."""
+        self.completed.grad = None
+        return self.completed * (1.0 if done else 0.0)
+
+    def collect(self) -> None:
+        """After the synchronised backward: keep the reduced answer for :attr:`all_ok`."""
+        self._answer, self.completed.grad = self.completed.grad, None
+
+    @property
+    def all_ok(self) -> bool:
+        if self._answer is not None:
+            self._ok = float(self._answer) > 1.0 - 0.5 / self.world_size
+            self._answer = None
+        return self._ok
 
 
-def _timed_allreduce(state: _HookState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default all-reduce (sum, then divide by W), stamping when it is handed over.
-    With ``state.agree``, the last bucket's all-reduce is followed at once by the ranks'
-    agreement on whether they all completed the step (no separate wait for it)."""
-    state.last_handoff = time.perf_counter()
-    tensor = bucket.buffer().div_(state.world_size)
-    work = dist.all_reduce(tensor, async_op=True)
-    assert work is not None
-    if state.agree and bucket.is_last():
-        state.work = dist.all_reduce(state.flag, op=dist.ReduceOp.MIN, async_op=True)
-    fut: torch.futures.Future[list[torch.Tensor]] = work.get_future()
-    return fut.then(lambda f: f.value()[0])
+class _Clock:
+    """Marks in a step: ``perf_counter`` on the CPU; on a GPU, CUDA events on the current
+    stream (device time: CPU time stamps would only see kernels being queued), read once
+    the step's one synchronisation has passed. A gradient's stamp re-records one event, so
+    the last record is the last gradient."""
 
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._grad_event: Any = (
+            torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            if self.cuda
+            else None
+        )
+        self.grad_mark: Any = None  # the last gradient's mark since :meth:`reset_grad`
 
-# DDP checks a hook's annotations as objects (this module's are strings: __future__).
-_timed_allreduce.__annotations__["bucket"] = torch._C._distributed_c10d.GradBucket
-_timed_allreduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return float(end - start)
+        return float(start.elapsed_time(end)) / 1e3
+
+    def reset_grad(self) -> None:
+        self.grad_mark = None
+
+    def stamp_grad(self, _: torch.Tensor) -> None:
+        """A parameter's post-accumulate-grad hook (see the module doc)."""
+        if self.cuda:
+            self._grad_event.record()
+            self.grad_mark = self._grad_event
+        else:
+            self.grad_mark = time.perf_counter()
 
 
 class _ResidentSet:
@@ -122,11 +176,16 @@ class RankJob:
                     state[key] = value.to(self.device)
         model.train()
         self.module = model
+        holder = _WithCompletion(model, self.device)
         self.ddp = DistributedDataParallel(
-            model, device_ids=[self.device.index] if device_ids else None
+            holder, device_ids=[self.device.index] if device_ids else None
         )
-        self.hook = _HookState(world_size, self.device)
-        self.ddp.register_comm_hook(self.hook, _timed_allreduce)
+        self.ddp.module = model  # DDP reduces ``completed`` too; it runs the user's module
+        self.agreement = _Agreement(holder.completed, world_size)
+        self.clock = _Clock(self.device)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self.clock.stamp_grad)  # type: ignore[no-untyped-call]
         self._ddp_returned = False
         self.ddp.register_forward_hook(lambda *_: self._returned())
         self.plans: list[tuple[int, tuple[float, ...], int, tuple[int | None, ...] | None]] = [
@@ -137,9 +196,13 @@ class RankJob:
         self._buffers: list[torch.Tensor] = []  # copies of the buffers, saved each step
         self._buffer_sources: list[torch.Tensor] = []  # the buffers they were copied from
         self._unapplied = False  # a forward/backward ran that no apply or discard followed
-        self.all_ok = True  # every rank completed the last step that was agreed on
         self._rss = _resident_set()
         self._layout: tuple[Any, RankLayout] | None = None  # the last one, with its key
+
+    @property
+    def all_ok(self) -> bool:
+        """Every rank completed the last step (learned with its gradients' all-reduce)."""
+        return self.agreement.all_ok
 
     def _returned(self) -> None:
         self._ddp_returned = True
@@ -167,15 +230,11 @@ class RankJob:
         return self._layout[1]
 
     # -- one step ---------------------------------------------------------------------------
-    def forward_backward(self, token: BatchToken, agree: bool = False) -> dict[str, Any]:
+    def forward_backward(self, token: BatchToken) -> dict[str, Any]:
         """Forward + backward of this rank's slice; gradients left for :meth:`apply`.
         Raises an out-of-memory only after this rank has joined the step's all-reduce
         (with an empty slice) and cleared its gradients; :class:`StepFailed` when it can
-        no longer join. ``agree``: the ranks also learn whether they all completed it
-        (``all_ok``; every rank must be given the same ``agree``)."""
-        self.hook.agree = agree
-        self.hook.flag.fill_(1)
-        self.hook.work = None
+        no longer join. Afterwards :attr:`all_ok` tells whether every rank completed it."""
         lay = self.layout(token)
         self.optimizer.zero_grad(set_to_none=True)
         self._save_buffers()
@@ -200,12 +259,9 @@ class RankJob:
                     f"({message}): the ranks cannot retry this step together."
                 ) from None
             del exc
-            self.hook.flag.fill_(0)  # the others learn it with the all-reduce it joins
-            self._join_empty(token)
-            self._agreement()
+            self._join_empty(token)  # the others learn that this rank did not complete it
             self.discard()
             raise torch.OutOfMemoryError(message) from None
-        self._agreement()
         if mine == 0:
             self._restore_buffers()  # statistics of an empty batch are not statistics
         if self.device.type == "cuda":
@@ -227,32 +283,43 @@ class RankJob:
     ) -> float:
         parts = [batch] if len(pieces) == 1 else split_batch(batch, pieces)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        clock = self.clock
+        marks: list[tuple[Any, Any, Any, Any]] = []  # per piece: start, loss, last grad, end
         for j, (piece, n) in enumerate(zip(parts, pieces, strict=True)):
             synced = j == len(pieces) - 1
             self._in_synced = synced
             self._ddp_returned = False
             ctx = contextlib.nullcontext() if synced else self.ddp.no_sync()
             with ctx:
-                t0 = time.perf_counter()
+                t0 = clock.mark()
                 loss = check_loss(self.step_fn(self.ddp, piece))
-                t1 = time.perf_counter()
-                if self.device.type == "cpu":
-                    rss = self._rss.mb()
-                    stats["peak_mb"] = max(stats["peak_mb"], rss)
-                self.hook.last_handoff = None
-                (loss * loss_weight(n, total, self.world_size)).backward()  # type: ignore[no-untyped-call]
-                t2 = time.perf_counter()
-            stats["forward_s"] += t1 - t0
-            handoff = self.hook.last_handoff if synced else None
-            if handoff is not None and handoff >= t1:
-                stats["backward_s"] += handoff - t1
-                stats["wait_s"] += t2 - handoff
-            else:
-                stats["backward_s"] += t2 - t1
+                t1 = clock.mark()
+                if not clock.cuda:
+                    stats["peak_mb"] = max(stats["peak_mb"], self._rss.mb())
+                clock.reset_grad()
+                weighted = loss * loss_weight(n, total, self.world_size)
+                if synced:
+                    weighted = weighted + self.agreement.term(True)
+                weighted.backward()  # type: ignore[no-untyped-call]
+                t2 = clock.mark()
+                if synced:
+                    self.agreement.collect()
+            marks.append((t0, t1, clock.grad_mark if synced else None, t2))
             if n > 0:
                 loss_sum += loss.detach().double() * n  # on the device: no sync per piece
         self._in_synced = False
-        return float(loss_sum)  # the one device-to-host copy of the step
+        total_loss = float(loss_sum)  # the one device-to-host copy (sync) of the step
+        for t0, t1, handoff, t2 in marks:
+            stats["forward_s"] += clock.seconds(t0, t1)
+            backward = clock.seconds(t1, t2)
+            # the last gradient's stamp splits backward from the wait for the all-reduce
+            to_handoff = clock.seconds(t1, handoff) if handoff is not None else -1.0
+            if 0.0 <= to_handoff <= backward:
+                stats["backward_s"] += to_handoff
+                stats["wait_s"] += backward - to_handoff
+            else:
+                stats["backward_s"] += backward
+        return total_loss
 
     def _join_empty(self, token: BatchToken) -> None:
         """After an out-of-memory before the synchronised backward: join the step's
@@ -262,7 +329,8 @@ class RankJob:
         self._in_synced = True
         self._ddp_returned = False
         loss = check_loss(self.step_fn(self.ddp, empty))
-        (loss * 0.0).backward()  # type: ignore[no-untyped-call]
+        (loss * 0.0 + self.agreement.term(False)).backward()  # type: ignore[no-untyped-call]
+        self.agreement.collect()
         self._in_synced = False
 
     def _save_buffers(self) -> None:
@@ -285,18 +353,6 @@ class RankJob:
         with torch.no_grad():
             for buf, saved in zip(self.module.buffers(), self._buffers, strict=True):
                 buf.copy_(saved)
-
-    def _agreement(self) -> None:
-        """``all_ok``: whether every rank completed the step just run (when agreed on)."""
-        hook = self.hook
-        if not hook.agree:
-            return
-        if hook.work is None:  # no gradient bucket was reduced (on any rank): ask now
-            dist.all_reduce(hook.flag, op=dist.ReduceOp.MIN)
-        else:
-            hook.work.wait()
-            hook.work = None
-        self.all_ok = bool(hook.flag.item())
 
     def discard(self) -> None:
         """Forget the step's gradients and buffer updates (the step will be retried, or

@@ -101,7 +101,7 @@ def serve(
                 if len(msg) > 2 and msg[2] is not None:  # the previous step's update
                     job.apply(msg[2])
                 try:
-                    done = job.forward_backward(msg[1], agree=bool(flags & ch.AGREE))
+                    done = job.forward_backward(msg[1])
                     done["idle_s"], idle = idle, 0.0  # this rank waited for the kernel
                     ch.put(conn, (ch.DONE, done))
                 except StepFailed as exc:
