@@ -14,9 +14,11 @@ kills what is left; the ranks themselves exit when the kernel process goes away.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import subprocess
@@ -46,6 +48,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _readable(conns: list[Connection], timeout: float | None) -> list[Connection]:
+    """The connections with something to read (``multiprocessing.connection.wait`` without
+    building and closing a selector object on every call: this runs twice a step)."""
+    if not hasattr(select, "poll"):  # pragma: no cover - not Linux/macOS
+        return list(wait(conns, timeout))  # type: ignore[arg-type]
+    by_fd = {conn.fileno(): conn for conn in conns}
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [by_fd[fd] for fd, _ in poller.poll(ms)]  # (a closed peer reads as ready)
 
 
 def _cpus() -> int:
@@ -251,14 +266,14 @@ class WorkerGroup:
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait(list(pending), timeout=left)
+            ready = _readable(list(pending), left)
             if not ready:
                 raise WorkerLost(
                     f"ranks {sorted(pending.values())} sent no reply within {timeout} s ({what})",
                     device=min(pending.values()),
                 )
             for conn in ready:
-                rank = pending.pop(conn)  # type: ignore[call-overload]
+                rank = pending.pop(conn)
                 try:
                     reply = ch.get(conn)
                 except (EOFError, OSError):
