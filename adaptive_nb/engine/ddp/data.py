@@ -26,7 +26,16 @@ from torch.utils.data import DataLoader, IterableDataset
 from ...batches import batch_size_of, split_nested
 from ...errors import UsageError
 
-__all__ = ["BatchToken", "DataSource", "describe_data", "iter_tokens", "load_slice"]
+__all__ = [
+    "AUTOCAST",
+    "BatchToken",
+    "DataSource",
+    "StepToken",
+    "describe_data",
+    "iter_tokens",
+    "load_slice",
+    "token_parts",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,63 @@ class BatchToken:
     epoch: int
     batch: int  # samples in the global batch
     key: tuple[int, ...] | int  # dataset indices (loader) or position (list of batches)
+
+    @property
+    def last_step(self) -> int:
+        """The step of the last global batch this token stands for (itself)."""
+        return self.step
+
+
+AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16}
+"""The precisions a rank runs its step under ``torch.autocast`` for (fp32: none; fp16 is
+not among them: its loss scaling would need the GradScaler's skip decision on the ranks)."""
+
+
+@dataclass(frozen=True)
+class StepToken(BatchToken):
+    """One rank step that is more than one plain global batch: an accumulation group
+    (``tokens``, consecutive global batches of one epoch, one optimizer step) and/or a step
+    run under autocast (``autocast``: a key of :data:`AUTOCAST`, None for fp32).
+
+    It *is* a :class:`BatchToken` for whatever reads one (the rank command loop replies
+    ``SKIPPED`` with its ``step``; plans and logs go by ``step``): ``step`` and ``epoch`` are
+    the first batch's, ``batch`` the group's samples, ``key`` the first batch's key. The
+    kernel sends a plain :class:`BatchToken` whenever that says it all (one batch, fp32), so
+    a plain step's message is unchanged. Make one with :meth:`of`."""
+
+    tokens: tuple[BatchToken, ...] = ()
+    autocast: str | None = None
+
+    @classmethod
+    def of(cls, tokens: tuple[BatchToken, ...], autocast: str | None = None) -> BatchToken:
+        """The step for ``tokens`` (plain tokens, in order) under ``autocast``: the token
+        itself when it is one batch in fp32."""
+        if not tokens:
+            raise ValueError("a step needs at least one global batch")
+        if autocast is not None and autocast not in AUTOCAST:
+            raise ValueError(f"no autocast for precision {autocast!r}")
+        if len(tokens) == 1 and autocast is None:
+            return tokens[0]
+        first = tokens[0]
+        return cls(
+            first.step,
+            first.epoch,
+            sum(t.batch for t in tokens),
+            first.key,
+            tokens=tokens,
+            autocast=autocast,
+        )
+
+    @property
+    def last_step(self) -> int:
+        return self.tokens[-1].step
+
+
+def token_parts(token: BatchToken) -> tuple[tuple[BatchToken, ...], str | None]:
+    """The plain global batches of a step and its autocast (None: fp32)."""
+    if isinstance(token, StepToken):
+        return token.tokens, token.autocast
+    return (token,), None
 
 
 @dataclass

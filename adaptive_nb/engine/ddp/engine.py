@@ -10,6 +10,10 @@ Loop integration (what ``run/loop.py`` must do differently when
    tensors: no ``move_to``; ``batch_size_of`` → ``token.batch``);
 2. call ``engine.forward_backward(step, token)`` as usual (``step`` is ignored: the ranks
    run the user's step shipped at start; retries after ``OutOfMemory`` work unchanged);
+   with ``accumulate`` > 1 hand it the whole group of tokens in one call
+   (``takes_groups``): the ranks keep gradients between the batches of a group, the kernel
+   holds none to accumulate (:meth:`DDPEngine.configure_steps`: accumulation, and bf16
+   autocast on the ranks);
 3. instead of ``optimizer.step()`` call ``engine.optimizer_step()`` (the kernel
    optimizer's hyper-parameters, e.g. a scheduler's learning rate, travel with it);
    ``zero_grad`` on the kernel model is harmless; gradient clipping is the engine's
@@ -63,7 +67,7 @@ from ...layout import Plan
 from ...step import StepFn, StepOutcome
 from ..base import Engine
 from . import channel as ch
-from .data import BatchToken, describe_data, iter_tokens
+from .data import AUTOCAST, BatchToken, StepToken, describe_data, iter_tokens, token_parts
 from .errors import DDPStartError, WorkerLost, remote_error
 from .launcher import WorkerGroup
 from .payload import dumps_job
@@ -98,6 +102,7 @@ class DDPEngine(Engine):
     turns it on, a subclass that reads replies between steps leaves it off)."""
 
     owns_optimizer_step = True
+    takes_groups = True  # an accumulation group is one step (see :meth:`configure_steps`)
 
     def __init__(
         self,
@@ -115,6 +120,8 @@ class DDPEngine(Engine):
         master_port: int | None = None,
         data_name: str = "data",
         run_ahead: bool = False,
+        accumulate: int = 1,
+        precision: str = "fp32",
     ) -> None:
         if group is not None:
             world_size = group.world_size
@@ -142,6 +149,9 @@ class DDPEngine(Engine):
         self.device_ids = device_ids
         self.restarts = 0
         self.run_ahead = run_ahead
+        self.accumulate = 1
+        self._autocast: str | None = None
+        self.configure_steps(accumulate=accumulate, precision=precision)
         self._threads = threads
         self._master_port = master_port
         self._job = {
@@ -281,25 +291,63 @@ class DDPEngine(Engine):
             caps = tuple(plan.caps[p] if p < len(plan.caps) else None for p in self.slots)
         return (ch.PLAN, from_step, tuple(s / total for s in shares), plan.micro_batches, caps)
 
+    def configure_steps(self, *, accumulate: int, precision: str) -> None:
+        """The run's accumulation and precision (the run loop tells the engine before its
+        steps: ``run.stepping.GroupEngine``). ``accumulate``: the global batches of one
+        optimizer step, which :meth:`forward_backward` takes together (the token stream
+        reads this to announce whole groups with :meth:`expect_next`). ``precision``:
+        ``"fp32"`` or ``"bf16"`` (the ranks run the step under autocast); fp16 is refused,
+        its GradScaler would have to decide on the ranks whether a step is skipped."""
+        if precision != "fp32" and precision not in AUTOCAST:
+            raise UsageError(
+                f"precision={precision!r} (--precision {precision}) is not supported by "
+                "engine='ddp': its loss scaler would have to decide on the ranks whether a step "
+                "is skipped. Use --precision bf16 (no loss scaling), or the DataParallel "
+                "engine (leave out --engine ddp) for fp16."
+            )
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise UsageError(
+                f"accumulate={accumulate!r} (--accumulate) must be a whole number ≥ 1."
+            )
+        self.accumulate = accumulate
+        self._autocast = None if precision == "fp32" else precision
+
+    def _as_step(self, batch: Any) -> BatchToken:
+        """What the ranks run for ``batch`` (a :class:`BatchToken`, or a sequence of them:
+        an accumulation group), under the run's autocast: a plain token when it is one
+        batch in fp32 (the message every plain step has always been)."""
+        if isinstance(batch, BatchToken):
+            tokens, _ = token_parts(batch)
+        elif isinstance(batch, (list, tuple)) and batch:
+            if not all(isinstance(t, BatchToken) for t in batch):
+                raise TypeError("DDPEngine.forward_backward takes BatchTokens (see iter_batches)")
+            tokens = tuple(p for t in batch for p in token_parts(t)[0])
+        else:
+            raise TypeError("DDPEngine.forward_backward takes a BatchToken (see iter_batches)")
+        return StepToken.of(tuple(tokens), self._autocast)
+
     def iter_batches(self, data: Any, epochs: int | None = 1) -> Iterator[BatchToken]:
         """Tokens for the loop to hand to :meth:`forward_backward` (no sample is loaded)."""
         return iter_tokens(data, epochs, self.data_name)
 
     def expect_next(self, token: BatchToken | None) -> None:
         """The token the loop will most likely hand over after the current one (None: no
-        more, or unknown): what :meth:`forward_backward` may send ahead."""
-        self._next_token = token
+        more, or unknown): what :meth:`forward_backward` may send ahead. With
+        ``accumulate`` > 1, the next *group* (a :class:`~.data.StepToken` of its tokens)."""
+        self._next_token = None if token is None else self._as_step(token)
 
     def forward_backward(self, step: StepFn | None, batch: Any) -> StepOutcome:
         """One step on every rank. ``step`` is ignored (the ranks run the shipped step);
-        ``batch`` is a :class:`BatchToken`. The gradients stay on the ranks until
+        ``batch`` is a :class:`BatchToken`, or a sequence of them: an accumulation group,
+        run as one step (each batch's loss weighted by its share of the group's samples,
+        see :meth:`.rank.RankJob.forward_backward`), whose outcome is the group's (its
+        samples, its mean loss). The gradients stay on the ranks until
         :meth:`optimizer_step`. On an out-of-memory every rank has dropped the step's
-        gradients before :class:`OutOfMemory` is raised; retry with the same token."""
-        if not isinstance(batch, BatchToken):
-            raise TypeError("DDPEngine.forward_backward takes a BatchToken (see iter_batches)")
+        gradients (the whole group's) before :class:`OutOfMemory` is raised; retry with
+        the same token(s)."""
+        token = self._as_step(batch)
         if not self._running:
             raise RuntimeError("DDPEngine.start() (or prepare()) must be called first")
-        token = batch
         current = self._ahead
         if current is not None and (current.token != token or current.stale):
             self._settle_ahead()
@@ -367,7 +415,7 @@ class DDPEngine(Engine):
         as they are: nothing changes them between a step and its update), to run only if
         ``token``'s step completes on every rank (see the module doc)."""
         nxt = self._next_token  # (kept: a retry of ``token`` sends it again)
-        if not self.run_ahead or nxt is None or nxt.step != token.step + 1:
+        if not self.run_ahead or nxt is None or nxt.step != token.last_step + 1:
             return None
         follower = _Ahead(nxt, time.perf_counter(), hyper=self._hyper())
         with contextlib.suppress(WorkerLost):  # reading the replies tells who is gone
@@ -381,7 +429,7 @@ class DDPEngine(Engine):
         stats = {slot[int(r[1]["rank"])]: r[1] for r in replies.values()}
         self.last_replies = stats
         self._pending = token
-        self._next_step = token.step + 1
+        self._next_step = token.last_step + 1
         return step_outcome(stats, token.batch, wall)
 
     def optimizer_step(self) -> None:

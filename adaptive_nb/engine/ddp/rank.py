@@ -16,6 +16,7 @@ resident set after each forward (where activations are largest).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from typing import Any
@@ -29,7 +30,7 @@ from ...batches import move_to
 from ...errors import is_oom
 from ...step import check_loss
 from ..microbatch import split_batch
-from .data import BatchToken, DataSource, load_slice
+from .data import AUTOCAST, BatchToken, DataSource, load_slice, token_parts
 from .scaling import RankLayout, loss_weight, rank_layout, slice_bounds
 
 __all__ = ["RankJob", "StepFailed", "is_oom"]
@@ -220,35 +221,87 @@ class RankJob:
         self.plans.append((from_step, shares, micro_batches, caps))
 
     def layout(self, token: BatchToken) -> RankLayout:
-        chosen = max((p for p in self.plans if p[0] <= token.step), key=lambda p: p[0])
-        # steps only move forward: earlier plans are never chosen again
+        """The layout of a plain global batch ``token`` (the plan in force at its step)."""
+        return self._layout_of(self._plan_at(token.step), token.batch, None)
+
+    def _plan_at(
+        self, step: int
+    ) -> tuple[int, tuple[float, ...], int, tuple[int | None, ...] | None]:
+        chosen = max((p for p in self.plans if p[0] <= step), key=lambda p: p[0])
+        # steps only move forward (a retry is the same step): earlier plans never come back
         self.plans = [p for p in self.plans if p[0] >= chosen[0]]
-        key = (chosen, token.batch)
-        if self._layout is None or self._layout[0] != key:  # the same plan and batch: reused
-            _, shares, micro, caps = chosen
-            self._layout = (key, rank_layout(shares, token.batch, micro, caps))
+        return chosen
+
+    def _layout_of(
+        self,
+        chosen: tuple[int, tuple[float, ...], int, tuple[int | None, ...] | None],
+        batch: int,
+        micro: int | None,
+    ) -> RankLayout:
+        """``batch`` samples laid out by plan ``chosen`` with ``micro`` micro-batches (None:
+        the plan's); the last layout is reused for the same plan, batch and count."""
+        _, shares, planned, caps = chosen
+        m = planned if micro is None else micro
+        key = (chosen, batch, m)
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, rank_layout(shares, batch, m, caps))
         return self._layout[1]
+
+    def _step_layouts(self, token: BatchToken) -> tuple[tuple[BatchToken, ...], list[RankLayout]]:
+        """The plain global batches of a step and each one's layout.
+
+        A step of several batches (an accumulation group, :class:`.data.StepToken`) uses
+        the plan in force at its *first* batch for all of them (a retry then finds the same
+        plan), and the controller plans it as one global batch of the group's ``S``
+        samples (that is what the step reports): the plan's ``m`` micro-batches of about
+        ``S/m`` samples become ``ceil(m·Bⱼ/S)`` pieces of batch ``j`` (``Bⱼ`` samples), so no
+        piece is larger than the plan's and caps bound every piece as planned."""
+        tokens, _ = token_parts(token)
+        chosen = self._plan_at(token.step)
+        if len(tokens) == 1:
+            return tokens, [self._layout_of(chosen, tokens[0].batch, None)]
+        total = max(1, sum(t.batch for t in tokens))
+        planned = max(1, int(chosen[2]))
+        layouts = [
+            self._layout_of(chosen, t.batch, max(1, math.ceil(planned * t.batch / total)))
+            for t in tokens
+        ]
+        return tokens, layouts
 
     # -- one step ---------------------------------------------------------------------------
     def forward_backward(self, token: BatchToken) -> dict[str, Any]:
-        """Forward + backward of this rank's slice; gradients left for :meth:`apply`.
-        Raises an out-of-memory only after this rank has joined the step's all-reduce
-        (with an empty slice) and cleared its gradients; :class:`StepFailed` when it can
-        no longer join. Afterwards :attr:`all_ok` tells whether every rank completed it."""
-        lay = self.layout(token)
+        """Forward + backward of this rank's slice of every global batch of the step (one,
+        or an accumulation group: :class:`.data.StepToken`); gradients left for
+        :meth:`apply`. Raises an out-of-memory only after this rank has joined the step's
+        all-reduce (with an empty slice) and cleared its gradients; :class:`StepFailed`
+        when it can no longer join. Afterwards :attr:`all_ok` tells whether every rank
+        completed it.
+
+        An accumulation group is one step of many pieces: each batch's slice, split as its
+        layout says, every piece's mean loss weighted by ``n·W/S`` (``S`` the group's
+        samples), every backward but the last under ``no_sync``. DDP's one all-reduce
+        then leaves every rank the gradient of the mean loss over the whole group, which
+        is the sum of each batch's mean-loss gradient weighted by ``Bⱼ/S`` (the
+        DataParallel engine's accumulation). The gradients live only here between the
+        pieces, so an out-of-memory in any piece drops the whole group's and the kernel
+        retries the whole group from zeroed gradients: no batch is lost or counted twice."""
+        tokens, autocast = token_parts(token)
+        tokens, layouts = self._step_layouts(token)
+        group_total = sum(t.batch for t in tokens)
         self.optimizer.zero_grad(set_to_none=True)
         self._save_buffers()
         self._unapplied = True
-        start, stop = slice_bounds(lay.sizes, self.rank)
-        mine = lay.sizes[self.rank]
-        self.history.append((token.step, mine))
+        mine = 0
+        for t, lay in zip(tokens, layouts, strict=True):
+            self.history.append((t.step, lay.sizes[self.rank]))
+            mine += lay.sizes[self.rank]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         stats = {"forward_s": 0.0, "backward_s": 0.0, "wait_s": 0.0, "peak_mb": 0.0}
+        cast = None if autocast is None else (self.device.type, AUTOCAST[autocast])
         t0 = time.perf_counter()
         try:
-            batch = move_to(load_slice(self.data, token, start, stop), self.device)
-            loss_sum = self._pieces(batch, lay.pieces[self.rank], token.batch, stats)
+            loss_sum, pieces = self._pieces(tokens, layouts, group_total, cast, stats)
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -259,7 +312,7 @@ class RankJob:
                     f"({message}): the ranks cannot retry this step together."
                 ) from None
             del exc
-            self._join_empty(token)  # the others learn that this rank did not complete it
+            self._join_empty(tokens[0], cast)  # the others learn that this rank did not
             self.discard()
             raise torch.OutOfMemoryError(message) from None
         if mine == 0:
@@ -270,7 +323,7 @@ class RankJob:
             "step": token.step,
             "rank": self.rank,
             "batch": mine,
-            "pieces": len(lay.pieces[self.rank]),
+            "pieces": pieces,
             "loss_sum": loss_sum,
             "wall_s": time.perf_counter() - t0,
             **stats,
@@ -278,35 +331,72 @@ class RankJob:
 
     _in_synced = False
 
+    def _run_step(self, piece: Any, cast: tuple[str, torch.dtype] | None) -> torch.Tensor:
+        """The user's step on one piece (under autocast for bf16; backward stays outside,
+        as PyTorch recommends and as the DataParallel engine does)."""
+        if cast is None:
+            return check_loss(self.step_fn(self.ddp, piece))
+        with torch.autocast(device_type=cast[0], dtype=cast[1]):
+            return check_loss(self.step_fn(self.ddp, piece))
+
+    def _piece_plan(
+        self, tokens: tuple[BatchToken, ...], layouts: list[RankLayout]
+    ) -> list[tuple[int, tuple[int, ...]]]:
+        """Per global batch with samples here (index into ``tokens``): this rank's pieces.
+        A rank with no sample in the whole step keeps one empty piece of the last batch:
+        every rank joins the step's all-reduce exactly once, with its last piece."""
+        plan = [
+            (j, tuple(n for n in lay.pieces[self.rank] if n > 0))
+            for j, lay in enumerate(layouts)
+            if lay.sizes[self.rank] > 0
+        ]
+        return plan or [(len(tokens) - 1, (0,))]
+
     def _pieces(
-        self, batch: Any, pieces: tuple[int, ...], total: int, stats: dict[str, float]
-    ) -> float:
-        parts = [batch] if len(pieces) == 1 else split_batch(batch, pieces)
+        self,
+        tokens: tuple[BatchToken, ...],
+        layouts: list[RankLayout],
+        total: int,
+        cast: tuple[str, torch.dtype] | None,
+        stats: dict[str, float],
+    ) -> tuple[float, int]:
+        """Run every piece of the step (see :meth:`forward_backward`); the sum over the
+        pieces of mean loss × samples, and the number of pieces run."""
+        plan = self._piece_plan(tokens, layouts)
+        count = sum(len(p) for _, p in plan)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         clock = self.clock
         marks: list[tuple[Any, Any, Any, Any]] = []  # per piece: start, loss, last grad, end
-        for j, (piece, n) in enumerate(zip(parts, pieces, strict=True)):
-            synced = j == len(pieces) - 1
-            self._in_synced = synced
-            self._ddp_returned = False
-            ctx = contextlib.nullcontext() if synced else self.ddp.no_sync()
-            with ctx:
-                t0 = clock.mark()
-                loss = check_loss(self.step_fn(self.ddp, piece))
-                t1 = clock.mark()
-                if not clock.cuda:
-                    stats["peak_mb"] = max(stats["peak_mb"], self._rss.mb())
-                clock.reset_grad()
-                weighted = loss * loss_weight(n, total, self.world_size)
-                if synced:
-                    weighted = weighted + self.agreement.term(True)
-                weighted.backward()  # type: ignore[no-untyped-call]
-                t2 = clock.mark()
-                if synced:
-                    self.agreement.collect()
-            marks.append((t0, t1, clock.grad_mark if synced else None, t2))
-            if n > 0:
-                loss_sum += loss.detach().double() * n  # on the device: no sync per piece
+        done = 0
+        for j, pieces in plan:
+            token = tokens[j]
+            start, stop = slice_bounds(layouts[j].sizes, self.rank)
+            batch = move_to(load_slice(self.data, token, start, stop), self.device)
+            parts = [batch] if len(pieces) == 1 else split_batch(batch, pieces)
+            for piece, n in zip(parts, pieces, strict=True):
+                done += 1
+                synced = done == count
+                self._in_synced = synced
+                self._ddp_returned = False
+                ctx = contextlib.nullcontext() if synced else self.ddp.no_sync()
+                with ctx:
+                    t0 = clock.mark()
+                    loss = self._run_step(piece, cast)
+                    t1 = clock.mark()
+                    if not clock.cuda:
+                        stats["peak_mb"] = max(stats["peak_mb"], self._rss.mb())
+                    clock.reset_grad()
+                    weighted = loss * loss_weight(n, total, self.world_size)
+                    if synced:
+                        weighted = weighted + self.agreement.term(True)
+                    weighted.backward()  # type: ignore[no-untyped-call]
+                    t2 = clock.mark()
+                    if synced:
+                        self.agreement.collect()
+                marks.append((t0, t1, clock.grad_mark if synced else None, t2))
+                if n > 0:
+                    loss_sum += loss.detach().double() * n  # on the device: no sync per piece
+            del batch, parts
         self._in_synced = False
         total_loss = float(loss_sum)  # the one device-to-host copy (sync) of the step
         for t0, t1, handoff, t2 in marks:
@@ -319,16 +409,16 @@ class RankJob:
                 stats["wait_s"] += backward - to_handoff
             else:
                 stats["backward_s"] += backward
-        return total_loss
+        return total_loss, count
 
-    def _join_empty(self, token: BatchToken) -> None:
+    def _join_empty(self, token: BatchToken, cast: tuple[str, torch.dtype] | None) -> None:
         """After an out-of-memory before the synchronised backward: join the step's
         all-reduce with an empty slice (contributing zero gradient) so no rank waits."""
         self.optimizer.zero_grad(set_to_none=True)
         empty = move_to(load_slice(self.data, token, 0, 0), self.device)
         self._in_synced = True
         self._ddp_returned = False
-        loss = check_loss(self.step_fn(self.ddp, empty))
+        loss = self._run_step(empty, cast)
         (loss * 0.0 + self.agreement.term(False)).backward()  # type: ignore[no-untyped-call]
         self.agreement.collect()
         self._in_synced = False
