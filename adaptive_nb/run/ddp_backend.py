@@ -9,7 +9,11 @@ over the whole run) instead of batches; the ranks apply the optimizer step
 stops the run cleanly (the notebook's model and optimizer keep the last completed step),
 or, with checkpoints and ``max_restarts`` > 0, :class:`GroupRestarts` starts a group on the
 remaining devices from the newest checkpoint and the steps after it run again.
-Options that act on gradients the kernel does not hold are refused before anything runs.
+Options that act on gradients the kernel does not hold are refused before anything runs
+(fp16: its loss scaler's skip decision would have to be made on the ranks). Accumulation
+runs on the ranks: a group of ``accumulate`` tokens is one rank step
+(:class:`~adaptive_nb.run.stepping.GroupEngine`; :class:`TokenEpochs` announces whole groups
+for the step sent ahead), and bf16 autocast runs around the step on the ranks.
 
 Restart sequence (:meth:`GroupRestarts.restart`): the failed group is gone (its state of
 the last completed step came home with the failure); the controller hears of the lost
@@ -24,10 +28,12 @@ again, their callbacks not called a second time (they were, with the same number
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from ..engine.ddp import BatchToken, DDPEngine, WorkerLost
+from ..engine.ddp.data import StepToken
 from ..errors import DeviceFailure, UsageError
 from ..events import Event, EventKind
 from ..monitor.snapshot import SnapshotSource
@@ -35,6 +41,7 @@ from ..plan.allocation import AllocationController
 from ..step import StepFn
 from .backend import _default_monitor as default_monitor
 from .checkpoint import Checkpointing
+from .stepping import configure_group_engine
 from .validate import DeviceSpec
 
 __all__ = [
@@ -97,17 +104,13 @@ def check_engine_options(
             "engine='ddp' starts real rank processes; a simulated fleet (devices='sim:…') "
             "runs on the DataParallel engine: drop --engine ddp."
         )
-    refused = {
-        "accumulate > 1 (--accumulate), whose ranks would have to keep gradients across "
-        "several batches of one step (a step carries one batch to the ranks)": accumulate > 1,
-        "precision other than fp32 (--precision), whose autocast and fp16 loss scaling "
-        "would have to run on the ranks (the kernel holds no gradients)": precision != "fp32",
-    }
-    bad = [name for name, hit in refused.items() if hit]
-    if bad:
+    if precision == "fp16":
         raise UsageError(
-            f"engine='ddp' does not support {', '.join(bad)} yet: use the DataParallel "
-            "engine (the default) for those, or leave them out."
+            "precision='fp16' (--precision fp16) is not supported by engine='ddp' (--engine "
+            "ddp): fp16 needs loss scaling, and the GradScaler's decision to skip a step whose "
+            "gradients overflowed would have to be made on the ranks, which hold the "
+            "gradients. Use --precision bf16 (precision='bf16': autocast to bfloat16, no "
+            "loss scaling), or the DataParallel engine (leave out --engine ddp) for fp16."
         )
     if spec.kind == "gpu":
         if workers is not None and workers != len(spec.gpu_ids):
@@ -133,7 +136,15 @@ class TokenEpochs:
     it reads the next one of the same epoch and tells the engine (``expect_next``), which
     may send it ahead; a pass never reads into the next epoch (whose start draws from the
     RNG a checkpoint records). A DataLoader's generators show through (``generator``,
-    ``sampler``, ``batch_sampler``) for the checkpoints."""
+    ``sampler``, ``batch_sampler``) for the checkpoints.
+
+    With the engine's ``accumulate`` = k > 1 (read per token: the run sets it before its
+    first step) the loop hands the engine groups of k tokens counted from the epoch's start
+    (:func:`~adaptive_nb.run.batching.next_group`; the last group of an epoch may be
+    shorter), so what follows the last token of a group is the next group: the stream reads
+    up to k tokens ahead and announces them together (a :class:`StepToken`). A guess that
+    turns out wrong (a resumed run whose groups are not aligned, a stop) only costs the
+    step sent ahead: the engine drops it and sends the one asked for."""
 
     def __init__(self, engine: TokenSource, data: Any) -> None:
         self.engine = engine
@@ -161,13 +172,29 @@ class TokenEpochs:
 
     def __iter__(self) -> Iterator[BatchToken]:
         tokens = self.engine.iter_batches(self.data, epochs=1)
-        current = next(tokens, None)
-        while current is not None:
-            token = dataclasses.replace(current, step=self._next)
-            self._next += 1
-            current = next(tokens, None)
-            ahead = None if current is None else dataclasses.replace(current, step=self._next)
-            self.engine.expect_next(ahead)
+        read: deque[BatchToken] = deque()  # read (and numbered), not yet yielded
+        position = 0  # in this epoch, of the next token yielded
+
+        def read_up_to(n: int) -> None:
+            while len(read) < n:
+                got = next(tokens, None)
+                if got is None:
+                    return
+                read.append(dataclasses.replace(got, step=self._next))
+                self._next += 1
+
+        while True:
+            k = max(1, int(getattr(self.engine, "accumulate", 1) or 1))
+            read_up_to(1 + (k if (position + 1) % k == 0 else 1))
+            if not read:
+                return
+            token = read.popleft()
+            position += 1
+            if k == 1 or position % k == 0 or not read:  # the last of its group: the next follows
+                ahead = tuple(read)[:k]
+                self.engine.expect_next(
+                    None if not ahead else ahead[0] if k == 1 else StepToken.of(ahead)
+                )
             yield token
 
 
@@ -221,6 +248,11 @@ class GroupRestarts:
         self.history: list[dict[str, Any]] = []
 
     def begin(self, run: _RunView) -> None:
+        """Before the first step (and before the first token is read): the engine learns
+        the run's accumulation and precision (so that the token stream announces whole
+        groups from the first one on), then, with restarts allowed, the starting state is
+        written when there is no checkpoint to go back to."""
+        configure_group_engine(run)  # type: ignore[arg-type]
         ckpt: Checkpointing = run.training.checkpoints
         if self.max_restarts < 1 or not ckpt.enabled or ckpt.written or ckpt.resume is not None:
             return
