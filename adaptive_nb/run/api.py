@@ -342,8 +342,10 @@ def train(
       cloudpickle, each rank loads only its slice of every global batch, and each rank's
       loss is scaled by ``b_i·W/B`` so the gradient is the full-batch gradient under
       uneven shares. The planner and the report are the same; when the run ends the
-      model and optimizer hold the state of the last completed step. Not yet with
-      ``accumulate`` or ``precision`` (refused up front). ``evaluate`` runs here on the
+      model and optimizer hold the state of the last completed step. ``accumulate``: a
+      group is one rank step (the ranks keep its gradients; an out-of-memory retries the
+      whole group); ``precision="bf16"``: autocast on the ranks; ``"fp16"`` is refused up
+      front (its loss scaler would have to run on the ranks). ``evaluate`` runs here on the
       model brought up to date from the ranks. Checkpoints are the ranks' state of a
       completed step, in the same format as DataParallel's (a run resumes under either
       engine). A rank that dies stops the run cleanly; with
