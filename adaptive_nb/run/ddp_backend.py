@@ -172,7 +172,7 @@ class TokenEpochs:
 
     def __iter__(self) -> Iterator[BatchToken]:
         tokens = self.engine.iter_batches(self.data, epochs=1)
-        read: deque[BatchToken] = deque()  # read (and numbered), not yet yielded
+        read: deque[BatchToken] = deque()  # read ahead, not yet yielded (nor numbered)
         position = 0  # in this epoch, of the next token yielded
 
         def read_up_to(n: int) -> None:
@@ -180,20 +180,23 @@ class TokenEpochs:
                 got = next(tokens, None)
                 if got is None:
                     return
-                read.append(dataclasses.replace(got, step=self._next))
-                self._next += 1
+                read.append(got)
 
         while True:
             k = max(1, int(getattr(self.engine, "accumulate", 1) or 1))
             read_up_to(1 + (k if (position + 1) % k == 0 else 1))
             if not read:
                 return
-            token = read.popleft()
+            token = dataclasses.replace(read.popleft(), step=self._next)
+            self._next += 1
             position += 1
             if k == 1 or position % k == 0 or not read:  # the last of its group: the next follows
-                ahead = tuple(read)[:k]
+                ahead = [
+                    dataclasses.replace(t, step=self._next + i)
+                    for i, t in enumerate(list(read)[:k])
+                ]
                 self.engine.expect_next(
-                    None if not ahead else ahead[0] if k == 1 else StepToken.of(ahead)
+                    None if not ahead else ahead[0] if k == 1 else StepToken.of(tuple(ahead))
                 )
             yield token
 
