@@ -5,8 +5,9 @@ accumulates the same batches (batch i's mean loss weighted by b_i/Σb), under un
 (5/3/1, then a new plan), with batches of different sizes, a short last group at the epoch
 end, the step sent ahead (run-ahead) being the next group, and an out-of-memory on one rank
 in the middle of a group (the whole group is retried, nothing lost or doubled); the
-``train(engine="ddp", accumulate=3)`` path once, with its callbacks and summary. The
-reference loop below shares no code with adaptive_nb."""
+``train(engine="ddp", accumulate=3)`` path with its callbacks and summary, and with an
+out-of-memory the controller re-plans around over a shuffled DataLoader; the token stream
+announcing whole groups. The reference loop below shares no code with adaptive_nb."""
 
 from __future__ import annotations
 
@@ -287,3 +288,47 @@ def test_the_token_stream_announces_the_next_whole_group_within_the_epoch() -> N
                 assert [t.step for t in parts] == nxt
     assert seen == list(range(7))
     assert len(source.heard) == 3  # once per group (3, 3, 1)
+
+
+def test_train_with_accumulate_recovers_an_out_of_memory_through_the_controller() -> None:
+    """train(engine="ddp", accumulate=3) over a shuffled DataLoader (two epochs of 7
+    batches) whose rank 1 runs out of memory above 4 samples a piece: the controller plans
+    a group as one global batch of its samples and re-plans after each out-of-memory, the
+    loop retries the whole group, and the result equals a plain accumulation loop over the
+    same shuffled order (the stream's read-ahead does not move the loader's RNG)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(5)
+    dataset = TensorDataset(
+        torch.randn(84, 6, generator=g), torch.randint(0, 3, (84,), generator=g)
+    )
+
+    def loader() -> DataLoader[Any]:
+        return DataLoader(
+            dataset, batch_size=12, shuffle=True, generator=torch.Generator().manual_seed(7)
+        )
+
+    ref = mlp()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_loader = loader()
+    for _ in range(2):  # two epochs, each pass over the loader drawing as the run's does
+        reference(ref, ref_opt, list(ref_loader), K)
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = adaptive_nb.train(
+        classify_small_rank1,
+        model=model,
+        optimizer=optimizer,
+        data=loader(),
+        epochs=2,
+        devices="cpu",
+        engine="ddp",
+        workers=2,
+        accumulate=K,
+        control_interval=0.05,
+    )
+    s = report.summary
+    assert s["ended"] == "completed", s.get("events")
+    assert s["steps"] == 6 and s["samples"] == 2 * 84 and s["oom_recovered"] >= 1
+    assert_same_params(model, ref)
