@@ -255,7 +255,14 @@ class RankJob:
         plan), and the controller plans it as one global batch of the group's ``S``
         samples (that is what the step reports): the plan's ``m`` micro-batches of about
         ``S/m`` samples become ``ceil(m·Bⱼ/S)`` pieces of batch ``j`` (``Bⱼ`` samples), so no
-        piece is larger than the plan's and caps bound every piece as planned."""
+        piece is larger than the plan's and caps bound every piece as planned.
+
+        A piece never spans two batches (the step sees samples of one loader batch, as
+        under the DataParallel engine, and a list of batches need not concatenate). So
+        while the plan's micro-batches hold more than one batch (``m`` < ``k``), the pieces
+        here are smaller than planned: an out-of-memory then makes the controller cap a
+        rank above what it ran, and finding the fit can take a few more retries (each
+        retry exact: the whole group again from zeroed gradients)."""
         tokens, _ = token_parts(token)
         chosen = self._plan_at(token.step)
         if len(tokens) == 1:
@@ -285,7 +292,7 @@ class RankJob:
         DataParallel engine's accumulation). The gradients live only here between the
         pieces, so an out-of-memory in any piece drops the whole group's and the kernel
         retries the whole group from zeroed gradients: no batch is lost or counted twice."""
-        tokens, autocast = token_parts(token)
+        _, autocast = token_parts(token)
         tokens, layouts = self._step_layouts(token)
         group_total = sum(t.batch for t in tokens)
         self.optimizer.zero_grad(set_to_none=True)
