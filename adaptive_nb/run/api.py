@@ -188,6 +188,8 @@ def _prepare(
             clip_grad_norm=clip_grad_norm,
             data_name=(names or {}).get("data", "data"),
             sync_bn=sync_bn,
+            accumulate=accumulate,
+            precision=precision,
         )
     control = control or RunControl()
     all_observers = [*observers, *loggers]

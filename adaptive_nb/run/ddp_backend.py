@@ -41,7 +41,6 @@ from ..plan.allocation import AllocationController
 from ..step import StepFn
 from .backend import _default_monitor as default_monitor
 from .checkpoint import Checkpointing
-from .stepping import configure_group_engine
 from .validate import DeviceSpec
 
 __all__ = [
@@ -251,11 +250,8 @@ class GroupRestarts:
         self.history: list[dict[str, Any]] = []
 
     def begin(self, run: _RunView) -> None:
-        """Before the first step (and before the first token is read): the engine learns
-        the run's accumulation and precision (so that the token stream announces whole
-        groups from the first one on), then, with restarts allowed, the starting state is
-        written when there is no checkpoint to go back to."""
-        configure_group_engine(run)  # type: ignore[arg-type]
+        """Before the first step: with restarts allowed, the starting state is written when
+        there is no checkpoint to go back to."""
         ckpt: Checkpointing = run.training.checkpoints
         if self.max_restarts < 1 or not ckpt.enabled or ckpt.written or ckpt.resume is not None:
             return
@@ -333,9 +329,12 @@ def build_ddp_run(
     clip_grad_norm: float | None,
     data_name: str,
     sync_bn: bool = False,
+    accumulate: int = 1,
+    precision: str = "fp32",
 ) -> tuple[DDPEngine, RankController, SnapshotSource | None, TokenEpochs]:
     """Engine (not started: ``prepare`` starts the ranks), controller, snapshot source and
-    the token stream the loop iterates."""
+    the token stream the loop iterates. The ranks accumulate (an accumulation group is one
+    rank step) and run bf16 autocast themselves."""
     device_ids: Sequence[int] | None = list(spec.gpu_ids) if spec.kind == "gpu" else None
     engine = DDPEngine(
         step,
@@ -348,6 +347,8 @@ def build_ddp_run(
         device_ids=list(device_ids) if device_ids is not None else None,
         data_name=data_name,
         run_ahead=True,
+        accumulate=accumulate,
+        precision=precision,
     )
     monitor = default_monitor()
     controller = RankController(

@@ -6,11 +6,12 @@ An engine whose workers hold the gradients (the DDP ranks: the kernel has none t
 between the batches of a group) says so with ``takes_groups`` (:class:`GroupEngine`): it
 gets the whole group in one ``forward_backward`` call, weights the batches itself and
 returns one outcome for the group (its samples, its mean loss); an out-of-memory retry
-reruns the whole group. It also runs the run's autocast itself (on its workers)."""
+reruns the whole group. It was built knowing the run's accumulation and precision, and
+runs the run's autocast itself (on its workers)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,32 +22,17 @@ from .training import Commit
 if TYPE_CHECKING:
     from .loop import Run
 
-__all__ = ["GroupEngine", "configure_group_engine", "train_step"]
+__all__ = ["GroupEngine", "train_step"]
 
 
 class GroupEngine(Protocol):
     """An engine that takes an accumulation group as one step (``takes_groups`` true):
     ``forward_backward(step, [batch, ...])`` computes the gradient of the group's mean loss
     (batch ``i``'s mean loss weighted by ``bᵢ/Σb``) and returns the group's outcome.
-    :meth:`configure_steps` tells it the run's ``accumulate`` and ``precision`` (it applies
-    autocast where its step runs; it raises a UsageError for a precision it cannot run)."""
+    Its builder passes it the run's ``accumulate`` and ``precision`` (it applies autocast
+    where its step runs; it raises a UsageError for a precision it cannot run)."""
 
     takes_groups: bool
-
-    def configure_steps(self, *, accumulate: int, precision: str) -> None: ...
-
-
-def configure_group_engine(run: Run) -> bool:
-    """Tell an engine that takes groups the run's accumulation and precision; False for
-    any other engine (the loop weights the batches and applies autocast itself)."""
-    engine = run.engine
-    if not getattr(engine, "takes_groups", False):
-        return False
-    training = run.training
-    cast(GroupEngine, engine).configure_steps(
-        accumulate=training.accumulate, precision=training.options.precision
-    )
-    return True
 
 
 def train_step(
@@ -57,7 +43,7 @@ def train_step(
     commit did."""
     training = run.training
     outcomes: list[StepOutcome] = []
-    if configure_group_engine(run):
+    if getattr(run.engine, "takes_groups", False):
         # the engine's workers accumulate (and weight) the group: one call, one outcome;
         # its tokens are references, not tensors (nothing to move)
         outcomes.append(run._forward_backward(group[0] if len(group) == 1 else list(group)))
