@@ -67,9 +67,10 @@ class _Agreement:
         self._ok = True
 
     def term(self, done: bool) -> torch.Tensor:
-        """What a rank adds to the loss of its synchronised backward (its value is 0)."""
+        """What a rank adds to the loss of its synchronised backward (its value is 0; its
+        gradient with respect to ``completed`` is c: the parameter itself when c = 1)."""
         self.completed.grad = None
-        return self.completed * (1.0 if done else 0.0)
+        return self.completed if done else self.completed * 0.0
 
     def collect(self) -> None:
         """After the synchronised backward: keep the reduced answer for :attr:`all_ok`."""
@@ -371,8 +372,12 @@ class RankJob:
         pieces of mean loss × samples, and the number of pieces run."""
         plan = self._piece_plan(tokens, layouts)
         count = sum(len(p) for _, p in plan)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         clock = self.clock
+        # Σ mean loss × samples: on a GPU summed on the device (no sync per piece), on the
+        # CPU in Python (reading a CPU tensor costs nothing; three tensor ops would)
+        loss_sum: torch.Tensor | float = (
+            torch.zeros((), dtype=torch.float64, device=self.device) if clock.cuda else 0.0
+        )
         marks: list[tuple[Any, Any, Any, Any]] = []  # per piece: start, loss, last grad, end
         done = 0
         for j, pieces in plan:
@@ -393,7 +398,8 @@ class RankJob:
                     if not clock.cuda:
                         stats["peak_mb"] = max(stats["peak_mb"], self._rss.mb())
                     clock.reset_grad()
-                    weighted = loss * loss_weight(n, total, self.world_size)
+                    weight = loss_weight(n, total, self.world_size)
+                    weighted = loss if weight == 1.0 else loss * weight  # (equal shares: 1)
                     if synced:
                         weighted = weighted + self.agreement.term(True)
                     weighted.backward()  # type: ignore[no-untyped-call]
@@ -402,7 +408,10 @@ class RankJob:
                         self.agreement.collect()
                 marks.append((t0, t1, clock.grad_mark if synced else None, t2))
                 if n > 0:
-                    loss_sum += loss.detach().double() * n  # on the device: no sync per piece
+                    if clock.cuda:
+                        loss_sum += loss.detach().double() * n
+                    else:
+                        loss_sum += float(loss.detach()) * n
             del batch, parts
         self._in_synced = False
         total_loss = float(loss_sum)  # the one device-to-host copy (sync) of the step
