@@ -25,7 +25,7 @@ import pickle
 import socket
 from typing import Any
 
-__all__ = ["get", "no_delay", "put", "try_pickle"]
+__all__ = ["encode", "get", "no_delay", "put", "try_pickle"]
 
 HELLO = "hello"
 OK = "ok"
@@ -61,10 +61,15 @@ def try_pickle(obj: Any) -> bytes | None:
     return data
 
 
+def encode(message: tuple[Any, ...]) -> bytes:
+    """A message as sent (the standard pickler: ``Connection.send`` would use torch's
+    shared-memory reductions for tensors, which do not cross between unrelated processes)."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def put(conn: Any, message: tuple[Any, ...]) -> None:
-    """Send with the standard pickler: ``Connection.send`` would use torch's
-    shared-memory reductions for tensors, which do not cross between unrelated processes."""
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    """Send one message (see :func:`encode`)."""
+    conn.send_bytes(encode(message))
 
 
 def get(conn: Any) -> tuple[Any, ...]:

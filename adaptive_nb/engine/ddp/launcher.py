@@ -230,9 +230,11 @@ class WorkerGroup:
         self.conns[:] = [by_rank[r] for r in range(self.world_size)]
 
     # -- talk -------------------------------------------------------------------------------
-    def send(self, rank: int, message: tuple[Any, ...]) -> None:
+    def send(self, rank: int, message: tuple[Any, ...] | bytes) -> None:
+        """One message (or one already encoded) to ``rank``."""
+        data = message if isinstance(message, bytes) else ch.encode(message)
         try:
-            ch.put(self.conns[rank], message)
+            self.conns[rank].send_bytes(data)
         except (OSError, EOFError) as exc:
             raise WorkerLost(f"rank {rank} is gone ({exc})", device=rank) from None
 
@@ -240,9 +242,10 @@ class WorkerGroup:
         """Send to every rank still reachable, then raise for the first that is not (so
         the ranks that live all got the same commands: an update reaches every survivor)."""
         lost: WorkerLost | None = None
+        data = ch.encode(message)  # pickled once for all the ranks
         for rank in range(self.world_size):
             try:
-                self.send(rank, message)
+                self.send(rank, data)
             except WorkerLost as exc:
                 lost = lost or exc
         if lost is not None:
