@@ -22,7 +22,10 @@ at a time. Blocks of ``--steps`` steps alternate (engine, plain, engine, plain, 
 
 Per-step time = block wall time / steps. Prints each round's ratio engine/plain, the
 median and the spread (min–max), and the ratio of the best (fastest) rounds of each, which
-load from elsewhere disturbs least. Goal: median ratio ≤ 1.05. Results:
+load from elsewhere disturbs least. Goal: median ratio ≤ 1.05. Also the CPU time per step
+(from the kernel's counters: this process, and each rank process), medians over the
+rounds: what the engine's ranks spend beyond the plain ranks, and what the kernel spends
+(on a machine with no core to spare it takes that time from a rank). Results:
 benchmarks/ddp_results.md.
 
     .venv/bin/python benchmarks/ddp_overhead.py --steps 200 --rounds 7
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -187,9 +191,11 @@ def main() -> None:
     data = make_data(args.batches)
     plain = Plain(args.world, args.batches)
     if args.mode == "loop":
-        engine_block, finish = loop_blocks(args, data)
+        engine_block, finish, engine_pids = loop_blocks(args, data)
     else:
-        engine_block, finish = engine_blocks(args, data)
+        engine_block, finish, engine_pids = engine_blocks(args, data)
+    plain_pids = [p.pid for p in plain.procs]
+    cpu: dict[str, list[float]] = {"kernel": [], "engine ranks": [], "plain ranks": []}
     try:
         engine_block(20)  # warm-up of both
         plain.block(20)
@@ -198,8 +204,15 @@ def main() -> None:
         engine_s: list[float] = []
         plain_s: list[float] = []
         for r in range(args.rounds):
+            k0, r0 = own_cpu(), ranks_cpu(engine_pids())
             e = engine_block(args.steps) / args.steps
+            k1, r1 = own_cpu(), ranks_cpu(engine_pids())
+            p0 = ranks_cpu(plain_pids)
             p = plain.block(args.steps) / args.steps
+            p1 = ranks_cpu(plain_pids)
+            cpu["kernel"].append((k1 - k0) / args.steps)
+            cpu["engine ranks"].append((r1 - r0) / args.steps / args.world)
+            cpu["plain ranks"].append((p1 - p0) / args.steps / args.world)
             ratios.append(e / p)
             diffs.append(e - p)
             engine_s.append(e)
@@ -221,15 +234,40 @@ def main() -> None:
             f"best rounds (least disturbed): engine {best_e * 1e3:.2f} ms/step, plain "
             f"{best_p * 1e3:.2f} ms/step, ratio {best_e / best_p:.3f}"
         )
+        med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
+        print(
+            f"CPU per step (median): kernel {med['kernel']:.3f} ms; each engine rank "
+            f"{med['engine ranks']:.3f} ms, each plain rank {med['plain ranks']:.3f} ms "
+            f"(+{med['engine ranks'] - med['plain ranks']:.3f} ms)"
+        )
     finally:
         finish()
         plain.close()
 
 
 Block = Callable[[int], float]
+Pids = Callable[[], list[int]]
 
 
-def engine_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Callable[[], None]]:
+def own_cpu() -> float:
+    """This process's CPU seconds (user + system, every thread)."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def ranks_cpu(pids: list[int]) -> float:
+    """The CPU seconds of these processes (user + system), from /proc (10 ms ticks)."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def engine_blocks(
+    args: argparse.Namespace, data: list[Any]
+) -> tuple[Block, Callable[[], None], Pids]:
     """Blocks of steps of a DDPEngine driven as the run loop drives it."""
     from adaptive_nb.engine.ddp import DDPEngine
 
@@ -274,10 +312,12 @@ def engine_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Cal
                 f" ms per step and rank ({len(idle)} steps×ranks)"
             )
 
-    return block, finish
+    return block, finish, lambda: list(engine.group.pids)
 
 
-def loop_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Callable[[], None]]:
+def loop_blocks(
+    args: argparse.Namespace, data: list[Any]
+) -> tuple[Block, Callable[[], None], Pids]:
     """Blocks of steps of the whole run loop (``adaptive_nb.start``), marked by a callback."""
     import adaptive_nb
 
@@ -332,7 +372,12 @@ def loop_blocks(args: argparse.Namespace, data: list[Any]) -> tuple[Block, Calla
         go.set()
         run.wait(timeout=600)
 
-    return block, finish
+    def pids() -> list[int]:
+        live = adaptive_nb.last_run()
+        assert live is not None
+        return list(live.engine.group.pids)  # type: ignore[attr-defined]
+
+    return block, finish, pids
 
 
 if __name__ == "__main__":
