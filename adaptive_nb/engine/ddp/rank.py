@@ -8,9 +8,9 @@ from ``backward()`` to the moment the *last* parameter gradient is computed (a g
 hook on every parameter stamps the time; DDP hands that gradient's bucket to its
 all-reduce right after); the rest of ``backward()`` is ``wait_s``, time spent waiting for
 the all-reduce, which is not compute. The all-reduce itself is DDP's own (no Python
-communication hook: it costs the rank CPU every bucket). The stamps are plain gradient
-hooks, not post-accumulate-grad hooks: on this CPU job those cost 0.5 ms a step (six
-parameters; ``benchmarks/ddp_results.md``), plain hooks ~0.03 ms.
+communication hook: it costs the rank CPU every bucket). A stamp is one Python call per
+parameter and backward (about 0.04 ms a step for six parameters on a 2-core machine,
+``benchmarks/grad_hook_cost.py``).
 Peak memory: CUDA's peak allocated bytes over the step, or on the CPU the process's
 resident set after each forward (where activations are largest).
 """
