@@ -20,6 +20,11 @@ at a time. Blocks of ``--steps`` steps alternate (engine, plain, engine, plain, 
   loss, ``backward``, ``optimizer.step``; rank 0 times the block between two barriers.
   It shares no code with the engine.
 
+``--groups G`` starts fresh processes (both groups) G times, ``--rounds`` each: two
+processes running the same code can differ by 5–10 % for as long as they live (where their
+memory landed, which core they share), so one pair of groups can favour either side; the
+per-group medians and their median say how much.
+
 Per-step time = block wall time / steps. Prints each round's ratio engine/plain, the
 median and the spread (min–max), and the ratio of the best (fastest) rounds of each, which
 load from elsewhere disturbs least. Goal: median ratio ≤ 1.05. Also the CPU time per step
@@ -28,13 +33,14 @@ rounds: what the engine's ranks spend beyond the plain ranks, and what the kerne
 (on a machine with no core to spare it takes that time from a rank). Results:
 benchmarks/ddp_results.md.
 
-    .venv/bin/python benchmarks/ddp_overhead.py --steps 200 --rounds 7
-    .venv/bin/python benchmarks/ddp_overhead.py --steps 200 --rounds 7 --mode loop
+    .venv/bin/python benchmarks/ddp_overhead.py --steps 100 --rounds 7 --groups 5
+    .venv/bin/python benchmarks/ddp_overhead.py --steps 100 --rounds 7 --groups 5 --mode loop
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import socket
@@ -174,6 +180,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--groups", type=int, default=1, help="fresh engine and plain processes this many times"
+    )
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch", type=int, default=BATCH)
@@ -189,20 +198,68 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     data = make_data(args.batches)
+    rounds: list[Round] = []
+    group_medians: list[float] = []
+    for g in range(args.groups):
+        got = one_group(args, data, g)
+        group_medians.append(statistics.median(r.ratio for r in got))
+        rounds += got
+    ratios = [r.ratio for r in rounds]
+    what = (
+        f"{args.groups} group{'s' if args.groups > 1 else ''} × {args.rounds} rounds of "
+        f"{args.steps} steps, {args.world} ranks, batch {BATCH}, hidden {HIDDEN}, mode "
+        f"{args.mode}{' lockstep' if args.lockstep else ''}"
+    )
+    print(
+        f"median ratio {statistics.median(ratios):.3f} (spread {min(ratios):.3f}–"
+        f"{max(ratios):.3f}; {what}); median difference "
+        f"{statistics.median(r.engine - r.plain for r in rounds) * 1e3:.2f} ms/step"
+    )
+    if args.groups > 1:
+        print(
+            "median ratio per group (fresh processes): "
+            + ", ".join(f"{m:.3f}" for m in group_medians)
+            + f"; median of the groups {statistics.median(group_medians):.3f}"
+        )
+    best_e, best_p = min(r.engine for r in rounds), min(r.plain for r in rounds)
+    print(
+        f"best rounds (least disturbed): engine {best_e * 1e3:.2f} ms/step, plain "
+        f"{best_p * 1e3:.2f} ms/step, ratio {best_e / best_p:.3f}"
+    )
+    kernel = statistics.median(r.kernel_cpu for r in rounds) * 1e3
+    mine = statistics.median(r.engine_rank_cpu for r in rounds) * 1e3
+    theirs = statistics.median(r.plain_rank_cpu for r in rounds) * 1e3
+    print(
+        f"CPU per step (median): kernel {kernel:.3f} ms; each engine rank {mine:.3f} ms, "
+        f"each plain rank {theirs:.3f} ms ({mine - theirs:+.3f} ms)"
+    )
+
+
+@dataclasses.dataclass
+class Round:
+    engine: float  # seconds per step
+    plain: float
+    kernel_cpu: float  # CPU seconds per step
+    engine_rank_cpu: float  # per rank
+    plain_rank_cpu: float
+
+    @property
+    def ratio(self) -> float:
+        return self.engine / self.plain
+
+
+def one_group(args: argparse.Namespace, data: list[Any], g: int) -> list[Round]:
+    """Start both groups of ranks, warm them up, run the rounds, close both."""
     plain = Plain(args.world, args.batches)
     if args.mode == "loop":
         engine_block, finish, engine_pids = loop_blocks(args, data)
     else:
         engine_block, finish, engine_pids = engine_blocks(args, data)
     plain_pids = [p.pid for p in plain.procs]
-    cpu: dict[str, list[float]] = {"kernel": [], "engine ranks": [], "plain ranks": []}
+    out: list[Round] = []
     try:
         engine_block(20)  # warm-up of both
         plain.block(20)
-        ratios: list[float] = []
-        diffs: list[float] = []
-        engine_s: list[float] = []
-        plain_s: list[float] = []
         for r in range(args.rounds):
             k0, r0 = own_cpu(), ranks_cpu(engine_pids())
             e = engine_block(args.steps) / args.steps
@@ -210,39 +267,19 @@ def main() -> None:
             p0 = ranks_cpu(plain_pids)
             p = plain.block(args.steps) / args.steps
             p1 = ranks_cpu(plain_pids)
-            cpu["kernel"].append((k1 - k0) / args.steps)
-            cpu["engine ranks"].append((r1 - r0) / args.steps / args.world)
-            cpu["plain ranks"].append((p1 - p0) / args.steps / args.world)
-            ratios.append(e / p)
-            diffs.append(e - p)
-            engine_s.append(e)
-            plain_s.append(p)
+            n = args.steps
+            out.append(
+                Round(e, p, (k1 - k0) / n, (r1 - r0) / n / args.world, (p1 - p0) / n / args.world)
+            )
             print(
-                f"round {r}: engine {e * 1e3:.2f} ms/step, plain {p * 1e3:.2f} ms/step, "
-                f"ratio {e / p:.3f}",
+                f"group {g} round {r}: engine {e * 1e3:.2f} ms/step, plain {p * 1e3:.2f} "
+                f"ms/step, ratio {e / p:.3f}",
                 flush=True,
             )
-        print(
-            f"median ratio {statistics.median(ratios):.3f} "
-            f"(spread {min(ratios):.3f}–{max(ratios):.3f}, {args.rounds} rounds of "
-            f"{args.steps} steps, {args.world} ranks, batch {BATCH}, hidden {HIDDEN}, "
-            f"mode {args.mode}{' lockstep' if args.lockstep else ''}); "
-            f"median difference {statistics.median(diffs) * 1e3:.2f} ms/step"
-        )
-        best_e, best_p = min(engine_s), min(plain_s)
-        print(
-            f"best rounds (least disturbed): engine {best_e * 1e3:.2f} ms/step, plain "
-            f"{best_p * 1e3:.2f} ms/step, ratio {best_e / best_p:.3f}"
-        )
-        med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
-        print(
-            f"CPU per step (median): kernel {med['kernel']:.3f} ms; each engine rank "
-            f"{med['engine ranks']:.3f} ms, each plain rank {med['plain ranks']:.3f} ms "
-            f"(+{med['engine ranks'] - med['plain ranks']:.3f} ms)"
-        )
     finally:
         finish()
         plain.close()
+    return out
 
 
 Block = Callable[[int], float]
