@@ -15,7 +15,7 @@ from torch import nn
 
 from adaptive_nb.engine.ddp.data import describe_data, iter_tokens
 from adaptive_nb.engine.ddp.launcher import free_port
-from adaptive_nb.engine.ddp.rank import RankJob
+from adaptive_nb.engine.ddp.rank import RankJob, _buffers_of
 
 
 class Net(nn.Module):
@@ -97,3 +97,16 @@ def test_the_gradient_is_the_plain_loss_gradient(one_rank: None) -> None:
     for name, p in reference.named_parameters():
         assert p.grad is not None
         torch.testing.assert_close(got[name], p.grad, rtol=0, atol=1e-6)
+
+
+def test_the_buffer_walk_matches_module_buffers() -> None:
+    """The rank's per-step walk saves the buffers ``module.buffers()`` names, in its order,
+    each once (a module shared by two parents included)."""
+    shared = nn.BatchNorm1d(4)
+    nested = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm1d(3)))
+    tree = nn.ModuleList([shared, nested, nn.Linear(1, 1), shared])
+    tree.register_buffer("own", torch.zeros(1))
+    for module in (tree, nested, nn.Linear(2, 2)):
+        walked, expected = _buffers_of(module), list(module.buffers())
+        assert len(walked) == len(expected)
+        assert all(a is b for a, b in zip(walked, expected, strict=True))

@@ -165,6 +165,13 @@ def iter_tokens(data: Any, epochs: int | None, data_name: str = "data") -> Itera
 
 
 def _slice_tensors(batch: Any, total: int, start: int, stop: int) -> Any:
+    if (  # the common batch, a plain tuple or list of tensors: sliced without the walk
+        type(batch) in (tuple, list) and all(isinstance(t, torch.Tensor) for t in batch)
+    ):
+        return type(batch)(
+            t[start:stop] if t.dim() > 0 and t.shape[0] == total else t for t in batch
+        )
+
     def take(t: torch.Tensor) -> list[Any]:
         if t.dim() > 0 and t.shape[0] == total:
             return [t[start:stop]]

@@ -157,6 +157,27 @@ def _resident_set() -> _ResidentSet:
     return _RSS
 
 
+def _buffers_of(module: nn.Module) -> list[torch.Tensor]:
+    """Every buffer of ``module`` and its submodules, each once, in ``module.buffers()``'s
+    order: the same walk without building names (it runs every step; ``buffers()`` costs
+    several times more on a small model)."""
+    out: list[torch.Tensor] = []
+    seen_modules: set[int] = set()
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen_modules:
+            continue
+        seen_modules.add(id(m))
+        for b in m._buffers.values():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                out.append(b)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
+
+
 class RankJob:
     """Everything one rank holds for a job, built from the shipped dict."""
 
@@ -385,7 +406,9 @@ class RankJob:
         for j, pieces in plan:
             token = tokens[j]
             start, stop = slice_bounds(layouts[j].sizes, self.rank)
-            batch = move_to(load_slice(self.data, token, start, stop), self.device)
+            batch = load_slice(self.data, token, start, stop)
+            if clock.cuda:  # (the shipped data is on the CPU: nothing to move on a CPU rank)
+                batch = move_to(batch, self.device)
             parts = [batch] if len(pieces) == 1 else split_batch(batch, pieces)
             for piece, n in zip(parts, pieces, strict=True):
                 done += 1
@@ -444,7 +467,7 @@ class RankJob:
     def _save_buffers(self) -> None:
         """Copy the module's buffers into the saved copies, allocated on first use (again
         only when a buffer was replaced or changed shape or dtype)."""
-        bufs = list(self.module.buffers())
+        bufs = _buffers_of(self.module)
         reuse = len(bufs) == len(self._buffer_sources) and all(
             b is src and saved.shape == b.shape and saved.dtype == b.dtype
             for b, src, saved in zip(bufs, self._buffer_sources, self._buffers, strict=True)
@@ -459,7 +482,7 @@ class RankJob:
 
     def _restore_buffers(self) -> None:
         with torch.no_grad():
-            for buf, saved in zip(self.module.buffers(), self._buffers, strict=True):
+            for buf, saved in zip(_buffers_of(self.module), self._buffers, strict=True):
                 buf.copy_(saved)
 
     def discard(self) -> None:
@@ -504,9 +527,10 @@ class RankJob:
 
         model = self.module.state_dict()
         if self._unapplied and self._buffers:
-            for (name, _), saved in zip(self.module.named_buffers(), self._buffers, strict=True):
-                if name in model:
-                    model[name] = saved
+            saved_for = {id(b): s for b, s in zip(self._buffer_sources, self._buffers, strict=True)}
+            for name, buf in self.module.named_buffers():
+                if name in model and id(buf) in saved_for:
+                    model[name] = saved_for[id(buf)]
         return {
             "model": cpu(model),
             "optimizer": cpu(self.optimizer.state_dict()),
