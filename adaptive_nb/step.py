@@ -22,7 +22,9 @@ StepFn = Callable[[nn.Module, Any], torch.Tensor]
 class StepOutcome:
     """What the engine measured for one completed forward/backward."""
 
-    loss: torch.Tensor  # the scalar loss of the whole batch (detached)
+    # the scalar loss of the whole batch (detached); a float from an engine whose workers
+    # computed it in other processes (no tensor made for it in the kernel)
+    loss: torch.Tensor | float
     samples: int
     wall_s: float  # step wall time on the engine's clock (virtual when simulated)
     device_time_s: dict[int, float] = field(default_factory=dict)  # position -> compute s

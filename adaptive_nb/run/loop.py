@@ -152,7 +152,7 @@ class Run:
         self.device_failures = 0
         self.reallocations = 0
         self._t0 = 0.0
-        self._last_loss: torch.Tensor | None = None
+        self._last_loss: torch.Tensor | float | None = None
         self._rate = 0.0  # samples/s, smoothed
         self._step_s = 0.0  # seconds per step, smoothed
         self._own_s = 0.0  # time spent in adaptive_nb's bookkeeping (real seconds)

@@ -174,10 +174,15 @@ class Training:
         if self.buffer is not None:
             self.buffer.stash()
 
-    def report_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def report_loss(self, losses: list[torch.Tensor | float]) -> torch.Tensor | float:
         """The group's mean loss, unscaled, from the (weighted, scaled) losses returned
         (by the scale they were computed with, before the commit's ``scaler.update()``)."""
-        total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        if len(losses) == 1:
+            total = losses[0]
+        elif all(isinstance(x, float) for x in losses):
+            total = sum(losses)
+        else:
+            total = torch.stack([torch.as_tensor(x) for x in losses]).sum()
         factor = self.precision.step_scale
         return total if factor == 1.0 else total / factor
 

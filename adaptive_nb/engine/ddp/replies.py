@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ...step import StepOutcome
 
 __all__ = ["step_outcome"]
@@ -20,7 +18,7 @@ def step_outcome(stats: Mapping[int, Mapping[str, Any]], batch: int, wall: float
     ``wall``: the kernel's seconds for the step. Compute time excludes all-reduce waits."""
     loss = sum(s["loss_sum"] for s in stats.values()) / batch if batch else 0.0
     return StepOutcome(
-        loss=torch.scalar_tensor(loss),  # (torch.tensor infers the type: ~7× slower)
+        loss=float(loss),  # (a tensor made here costs the kernel ~50 µs a step, cold)
         samples=batch,
         wall_s=wall,
         device_time_s={p: s["forward_s"] + s["backward_s"] for p, s in stats.items()},
