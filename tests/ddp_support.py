@@ -67,3 +67,39 @@ def reference_steps(
         losses.append(float(loss.detach()))
         optimizer.step()
     return grads, losses
+
+
+def labelled_batches(
+    sizes: Sequence[int], seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the given sizes: 6 features, 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+
+
+def accumulation_reference(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    k: int,
+    *,
+    autocast: bool = False,
+) -> list[float]:
+    """A plain accumulation loop with cross-entropy: per group of k batches, each batch's
+    mean loss times b_i/Σb, backward per batch, one optimizer step (optionally the forward
+    under CPU bf16 autocast). Returns each group's mean loss."""
+    losses = []
+    model.train()
+    for start in range(0, len(data), k):
+        grp = data[start : start + k]
+        total = sum(x.shape[0] for x, _ in grp)
+        optimizer.zero_grad(set_to_none=True)
+        mean = 0.0
+        for x, y in grp:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            (loss * (x.shape[0] / total)).backward()  # type: ignore[no-untyped-call]
+            mean += float(loss.detach()) * x.shape[0] / total
+        optimizer.step()
+        losses.append(mean)
+    return losses

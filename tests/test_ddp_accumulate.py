@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ddp_support import group_of, worker_children
+from ddp_support import accumulation_reference as reference
+from ddp_support import group_of, labelled_batches, worker_children
 from torch import nn
 
 import adaptive_nb
@@ -59,8 +60,7 @@ def mlp() -> nn.Module:
 
 
 def batches(sizes: Sequence[int] = SIZES, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+    return labelled_batches(sizes, seed)
 
 
 def plan(sizes: tuple[int, ...]) -> Plan:
@@ -70,26 +70,6 @@ def plan(sizes: tuple[int, ...]) -> Plan:
 
 def groups_of(items: Sequence[Any], k: int) -> list[list[Any]]:
     return [list(items[i : i + k]) for i in range(0, len(items), k)]
-
-
-def reference(
-    model: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[Any], k: int
-) -> list[float]:
-    """A plain accumulation loop: per group of k batches, each batch's mean loss times
-    b_i/Σb, backward per batch, one optimizer step. Returns each group's mean loss."""
-    losses = []
-    model.train()
-    for grp in groups_of(data, k):
-        total = sum(x.shape[0] for x, _ in grp)
-        optimizer.zero_grad(set_to_none=True)
-        mean = 0.0
-        for x, y in grp:
-            loss = F.cross_entropy(model(x), y)
-            (loss * (x.shape[0] / total)).backward()  # type: ignore[no-untyped-call]
-            mean += float(loss.detach()) * x.shape[0] / total
-        optimizer.step()
-        losses.append(mean)
-    return losses
 
 
 def drive(

@@ -10,13 +10,14 @@ with adaptive_nb."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_support import group_of, worker_children
+from ddp_support import accumulation_reference as reference
+from ddp_support import group_of, labelled_batches, worker_children
 from torch import nn
 
 import adaptive_nb
@@ -50,30 +51,7 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
 
 
-def batches(sizes: Sequence[int], seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
-
-
-def reference(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: Sequence[Any],
-    k: int,
-    autocast: bool,
-) -> None:
-    """A plain loop, optionally under CPU bf16 autocast (forward only), accumulating groups
-    of k batches (batch i's mean loss weighted by b_i/Σb)."""
-    model.train()
-    for start in range(0, len(data), k):
-        grp = data[start : start + k]
-        total = sum(x.shape[0] for x, _ in grp)
-        optimizer.zero_grad(set_to_none=True)
-        for x, y in grp:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = F.cross_entropy(model(x), y)
-            (loss * (x.shape[0] / total)).backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
+batches = labelled_batches
 
 
 def test_bf16_on_the_ranks_equals_a_plain_loop_under_the_same_autocast(

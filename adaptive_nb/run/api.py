@@ -115,11 +115,8 @@ def _prepare(
             engine,
             workers,  # type: ignore[arg-type]  # check_engine_options refuses a "MIN:MAX" string
             spec,
-            accumulate=accumulate,
             precision=precision,
-            evaluate=evaluate,
             checkpoint_dir=checkpoint_dir,
-            resume=resume,
             sync_bn=sync_bn,
             max_restarts=max_restarts,
         )

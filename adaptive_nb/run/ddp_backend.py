@@ -61,11 +61,8 @@ def check_engine_options(
     workers: int | None,
     spec: DeviceSpec,
     *,
-    accumulate: int,
     precision: str,
-    evaluate: Any,
     checkpoint_dir: Any,
-    resume: Any,
     sync_bn: bool = False,
     max_restarts: Any = 0,
 ) -> int | None:
@@ -145,8 +142,8 @@ class TokenEpochs:
     RNG a checkpoint records). A DataLoader's generators show through (``generator``,
     ``sampler``, ``batch_sampler``) for the checkpoints.
 
-    With the engine's ``accumulate`` = k > 1 (read per token: the run sets it before its
-    first step) the loop hands the engine groups of k tokens counted from the epoch's start
+    With the engine's ``accumulate`` = k > 1 (fixed when the engine is built) the loop hands
+    the engine groups of k tokens counted from the epoch's start
     (:func:`~adaptive_nb.run.batching.next_group`; the last group of an epoch may be
     shorter), so what follows the last token of a group is the next group: the stream reads
     up to k tokens ahead and announces them together (a :class:`StepToken`). A guess that
@@ -181,6 +178,7 @@ class TokenEpochs:
         tokens = self.engine.iter_batches(self.data, epochs=1)
         read: deque[BatchToken] = deque()  # read ahead, not yet yielded (nor numbered)
         position = 0  # in this epoch, of the next token yielded
+        k = max(1, int(getattr(self.engine, "accumulate", 1) or 1))
 
         def read_up_to(n: int) -> None:
             while len(read) < n:
@@ -190,7 +188,6 @@ class TokenEpochs:
                 read.append(got)
 
         while True:
-            k = max(1, int(getattr(self.engine, "accumulate", 1) or 1))
             read_up_to(1 + (k if (position + 1) % k == 0 else 1))
             if not read:
                 return

@@ -244,10 +244,6 @@ class RankJob:
         self.plans = [p for p in self.plans if p[0] < from_step]
         self.plans.append((from_step, shares, micro_batches, caps))
 
-    def layout(self, token: BatchToken) -> RankLayout:
-        """The layout of a plain global batch ``token`` (the plan in force at its step)."""
-        return self._layout_of(self._plan_at(token.step), token.batch, None)
-
     def _plan_at(
         self, step: int
     ) -> tuple[int, tuple[float, ...], int, tuple[int | None, ...] | None]:
@@ -271,8 +267,8 @@ class RankJob:
             self._layout = (key, rank_layout(shares, batch, m, caps))
         return self._layout[1]
 
-    def _step_layouts(self, token: BatchToken) -> tuple[tuple[BatchToken, ...], list[RankLayout]]:
-        """The plain global batches of a step and each one's layout.
+    def _step_layouts(self, tokens: tuple[BatchToken, ...]) -> list[RankLayout]:
+        """The layout of each plain global batch of a step.
 
         A step of several batches (an accumulation group, :class:`.data.StepToken`) uses
         the plan in force at its *first* batch for all of them (a retry then finds the same
@@ -287,17 +283,15 @@ class RankJob:
         here are smaller than planned: an out-of-memory then makes the controller cap a
         rank above what it ran, and finding the fit can take a few more retries (each
         retry exact: the whole group again from zeroed gradients)."""
-        tokens, _ = token_parts(token)
-        chosen = self._plan_at(token.step)
+        chosen = self._plan_at(tokens[0].step)
         if len(tokens) == 1:
-            return tokens, [self._layout_of(chosen, tokens[0].batch, None)]
+            return [self._layout_of(chosen, tokens[0].batch, None)]
         total = max(1, sum(t.batch for t in tokens))
         planned = max(1, int(chosen[2]))
-        layouts = [
+        return [
             self._layout_of(chosen, t.batch, max(1, math.ceil(planned * t.batch / total)))
             for t in tokens
         ]
-        return tokens, layouts
 
     # -- one step ---------------------------------------------------------------------------
     def forward_backward(self, token: BatchToken) -> dict[str, Any]:
@@ -316,8 +310,8 @@ class RankJob:
         DataParallel engine's accumulation). The gradients live only here between the
         pieces, so an out-of-memory in any piece drops the whole group's and the kernel
         retries the whole group from zeroed gradients: no batch is lost or counted twice."""
-        _, autocast = token_parts(token)
-        tokens, layouts = self._step_layouts(token)
+        tokens, autocast = token_parts(token)
+        layouts = self._step_layouts(tokens)
         group_total = sum(t.batch for t in tokens)
         self.optimizer.zero_grad(set_to_none=True)
         self._save_buffers()
